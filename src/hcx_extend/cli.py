@@ -1,0 +1,111 @@
+"""The ``hcx-extend`` command. Each sub-command is a thin shell over a library function."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+
+def _load_for_info(target: str):
+    """A preset name (built on the meta device) or a checkpoint folder / .gguf file."""
+    from hcx_extend.presets import PRESETS, build_preset
+
+    if target in PRESETS:
+        return build_preset(target, device="meta"), f"{target} (preset, built on the meta device: no weights)"
+    path = Path(target)
+    if path.is_dir() and (path / "config.json").exists():
+        import torch
+        from accelerate import init_empty_weights
+
+        from hcx_extend.checkpoint import read_config_dict
+        from hcx_extend.config import OmniConfig
+        from hcx_extend.model import OmniForCausalLM
+
+        raw = read_config_dict(path)
+        if raw.get("model_type") in ("hcx_omni", "vlm"):
+            with init_empty_weights():
+                model = OmniForCausalLM(OmniConfig(**raw))
+            return model, f"{path} (config only; weights not loaded)"
+    from hcx_extend.checkpoint import build_model_from_tensors, read_source
+
+    source = read_source(path)
+    model, _ = build_model_from_tensors(source.config, source.tensors)
+    return model, f"{path} ({source.kind})"
+
+
+def cmd_info(args: argparse.Namespace) -> int:
+    from hcx_extend.summary import describe
+
+    model, title = _load_for_info(args.target)
+    print(describe(model, title))
+    return 0
+
+
+def cmd_extend(args: argparse.Namespace) -> int:
+    from hcx_extend.checkpoint import extend
+    from hcx_extend.config import ModalityConfig
+    from hcx_extend.presets import sensor_modality
+
+    modalities = [sensor_modality(name) for name in args.add_imu]
+    for file in args.modality:
+        spec = json.loads(Path(file).read_text())
+        modalities.append(ModalityConfig.from_dict(spec["name"], spec))
+    if not modalities:
+        print("nothing to add: give --add-imu NAME or --modality FILE.json", file=sys.stderr)
+        return 2
+    result = extend(args.source, modalities, output_dir=args.output, dtype=args.dtype)
+    print(f"read {args.source} as {result.source_kind}")
+    print(result.report)
+    for m in modalities:
+        stored = result.model.config.modality(m.name)
+        print(f"added {m.name}: model.{stored.encoder_module} + model.{stored.projector_module}, token {stored.token} = {stored.token_id}")
+    print(f"saved to {args.output}")
+    return 0
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from hcx_extend.demo import run_demo
+
+    return run_demo(args)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="hcx-extend",
+        description="Extend HyperCLOVA X omni models with new input modalities.",
+    )
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+
+    info = commands.add_parser("info", help="modules, parameter counts per component and placeholder tokens")
+    info.add_argument("target", help="a preset (tiny-hcx-omni, hcx-omni-8b), a checkpoint folder or a .gguf file")
+    info.set_defaults(run=cmd_info)
+
+    ext = commands.add_parser("extend", help="add modalities to a checkpoint and save it in the HCX layout")
+    ext.add_argument("source", help="HCX omni / HyperCLOVAXVisionV2 / causal-LM folder, or a .gguf file")
+    ext.add_argument("--output", required=True, help="folder for the extended checkpoint")
+    ext.add_argument("--add-imu", action="append", default=[], metavar="NAME", help="add an IMU modality called NAME")
+    ext.add_argument("--modality", action="append", default=[], metavar="FILE", help="add a modality from a JSON file")
+    ext.add_argument("--dtype", default=None, help="cast weights (float32, bfloat16, float16); default: keep")
+    ext.set_defaults(run=cmd_extend)
+
+    from hcx_extend.demo import add_demo_arguments
+
+    demo = commands.add_parser("demo", help="the IMU activity demo: extend SmolLM2 with an IMU, train, evaluate")
+    add_demo_arguments(demo)
+    demo.set_defaults(run=cmd_demo)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.run(args)
+    except (ValueError, FileNotFoundError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

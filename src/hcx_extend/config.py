@@ -1,0 +1,289 @@
+"""What an omni model is made of: the LLM's config plus one `ModalityConfig` per input modality.
+
+Configuration is data. `OmniConfig` is a transformers `PreTrainedConfig` (registered with
+`AutoConfig` as model type ``hcx_omni``) holding
+
+* ``text_config``: any causal-LM config (HyperCLOVAX by default);
+* ``modalities``: name -> `ModalityConfig`, each saying which encoder to build, which projector maps
+  it into the LLM's hidden size, which placeholder token marks its positions in ``input_ids``, and
+  what inputs it accepts.
+
+Adding a modality is adding an entry here; no model code changes. Two other spellings of the same
+facts are read and mapped onto ``modalities``:
+
+* the HyperCLOVA X Omni hub config (``model_type: "vlm"``, ``vision_config``, ``audio_config``,
+  ``mm_projector_type``, ``audio_projector_type``, ``img_start_id``, ``video_start_id``);
+* the extension guide's flat fields (``sensor_config``, ``sensor_model_name_or_path``,
+  ``sensor_projector_type``, ``sensor_start_id``).
+"""
+
+from __future__ import annotations
+
+import copy
+import re
+from dataclasses import asdict, dataclass, field, fields
+from typing import Any
+
+from transformers import AutoConfig, PreTrainedConfig
+from transformers.configuration_utils import SubConfigSpec
+
+# Placeholder token ids of HyperCLOVA X (REFERENCE.md §1) and the extension guide's proposal for a sensor.
+HCX_IMAGE_TOKEN_ID = 128060
+HCX_VIDEO_TOKEN_ID = 128061
+HCX_SENSOR_TOKEN_ID = 128080
+
+# Module names the HyperCLOVA X checkpoint uses for its built-in modalities; any other modality NAME
+# gets `NAME_model` and `NAME_projector`.
+_HCX_MODULE_NAMES = {
+    "image": ("vision_model", "mm_projector"),
+    "video": ("vision_model", "mm_projector"),
+    "audio": ("audio_model", "audio_projector"),
+}
+_HCX_TOKEN_STRINGS = {"image": "<|IMAGE_PAD|>", "video": "<|VIDEO_PAD|>", "audio": "<|AUDIO_PAD|>"}
+_HCX_TOKEN_IDS = {"image": HCX_IMAGE_TOKEN_ID, "video": HCX_VIDEO_TOKEN_ID, "sensor": HCX_SENSOR_TOKEN_ID}
+
+_NAME_PATTERN = re.compile(r"[a-z][a-z0-9_]*")
+
+
+@dataclass
+class InputContract:
+    """What one item of a modality must look like.
+
+    Layout per ``kind``: ``"sensor"`` items are ``(time, channels)``; ``"audio"`` items are log-mel
+    features ``(mel_bins, frames)``; ``"image"`` items are ``(channels, height, width)``.
+
+    Args:
+        kind: "sensor", "audio", "image", or the kind of a user-registered encoder.
+        channels: channels (sensor), mel bins (audio) or colour channels (image); None = any.
+        max_length: longest accepted item along time (sensor steps, audio frames) or, for images,
+            the most patches; longer items are rejected, never truncated. None = no limit.
+        dtype: floating dtype the item is converted to.
+        sample_rate: samples per second the encoder expects (sensor), used for resampling.
+        channel_names: names of the channels in order (sensor), used to read CSV files.
+    """
+
+    kind: str
+    channels: int | None = None
+    max_length: int | None = None
+    dtype: str = "float32"
+    sample_rate: float | None = None
+    channel_names: list[str] | None = None
+
+    @property
+    def layout(self) -> str:
+        return {"sensor": "(time, channels)", "audio": "(mel_bins, frames)", "image": "(channels, height, width)"}.get(
+            self.kind, "encoder-defined"
+        )
+
+
+@dataclass
+class ModalityConfig:
+    """One input modality: encoder -> projector -> (compressor) -> placeholder positions in the LLM input.
+
+    Args:
+        name: lower-case identifier ("image", "audio", "imu", ...). Also the default marker ``<name>``.
+        encoder: the encoder's config as a dict with ``model_type``: a transformers type such as
+            ``qwen2_5_vl_vision`` or ``qwen2_audio_encoder``, or a type registered with
+            `hcx_extend.encoders.register_encoder` (``imu`` is built in).
+        projector: ``{"type": "linear" | "mlp" | registered, ...kwargs}``; ``mlp`` is fc1 -> act -> fc2
+            with ``activation`` "gelu" (the Omni model's) or "silu" (the extension guide's IMU projector).
+        token: placeholder token string in the tokenizer (default ``<|NAME_PAD|>``).
+        token_id: placeholder token id (HCX defaults: image 128060, video 128061, sensor 128080).
+            None until a tokenizer assigns it (`OmniProcessor.align_tokens`).
+        marker: what users write in prompts where an item goes (default ``<name>``).
+        encoder_module / projector_module: attribute names under ``model.``; the HCX layout uses
+            ``vision_model``/``mm_projector`` for image and video, ``audio_model``/``audio_projector``
+            for audio, and ``NAME_model``/``NAME_projector`` otherwise. Modalities naming the same
+            module share it (video shares the image tower).
+        input: the `InputContract`; unset fields are filled from the encoder's config.
+        compressor: ``{"type": ..., "chunk_size": ...}`` run between projector and splice, or None.
+        normalization: per-channel ``{"mean": [...], "std": [...]}`` fitted on training data, or None.
+        pretrained: local path whose weights initialise this modality's encoder on `extend`.
+    """
+
+    name: str
+    encoder: dict[str, Any]
+    projector: dict[str, Any] = field(default_factory=lambda: {"type": "mlp"})
+    token: str | None = None
+    token_id: int | None = None
+    marker: str | None = None
+    encoder_module: str | None = None
+    projector_module: str | None = None
+    input: InputContract | None = None
+    compressor: dict[str, Any] | None = None
+    normalization: dict[str, list[float]] | None = None
+    pretrained: str | None = None
+
+    def __post_init__(self):
+        if not isinstance(self.name, str) or not _NAME_PATTERN.fullmatch(self.name):
+            raise ValueError(
+                f"modality name {self.name!r} is not a lower-case identifier (letters, digits, '_'); "
+                "it becomes part of module names such as model.NAME_model"
+            )
+        if isinstance(self.encoder, PreTrainedConfig):
+            self.encoder = self.encoder.to_dict()
+        if not isinstance(self.encoder, dict) or "model_type" not in self.encoder:
+            raise ValueError(
+                f"{self.name}: encoder must be a dict with a 'model_type' (e.g. 'imu', 'qwen2_audio_encoder'), "
+                f"got {self.encoder!r}"
+            )
+        if isinstance(self.projector, str):
+            self.projector = {"type": self.projector}
+        if "type" not in self.projector:
+            raise ValueError(f"{self.name}: projector needs a 'type' (linear, mlp, ...), got {self.projector!r}")
+        default_encoder_module, default_projector_module = _HCX_MODULE_NAMES.get(
+            self.name, (f"{self.name}_model", f"{self.name}_projector")
+        )
+        self.encoder_module = self.encoder_module or default_encoder_module
+        self.projector_module = self.projector_module or default_projector_module
+        self.token = self.token or _HCX_TOKEN_STRINGS.get(self.name, f"<|{self.name.upper()}_PAD|>")
+        if self.token_id is None:
+            self.token_id = _HCX_TOKEN_IDS.get(self.name)
+        self.marker = self.marker or f"<{self.name}>"
+        if isinstance(self.input, dict):
+            self.input = InputContract(**self.input)
+        if self.input is None:
+            # Import here: the encoder registry imports this module.
+            from hcx_extend.encoders import get_encoder
+
+            self.input = get_encoder(self.encoder["model_type"]).default_contract(self.encoder)
+        if self.normalization is not None:
+            mean, std = self.normalization.get("mean"), self.normalization.get("std")
+            if mean is None or std is None or len(mean) != len(std):
+                raise ValueError(f"{self.name}: normalization needs 'mean' and 'std' lists of equal length")
+            if any(s <= 0 for s in std):
+                raise ValueError(f"{self.name}: normalization std must be positive, got {std}")
+
+    def to_dict(self) -> dict[str, Any]:
+        return copy.deepcopy(asdict(self))
+
+    @classmethod
+    def from_dict(cls, name: str, data: dict[str, Any]) -> ModalityConfig:
+        known = {f.name for f in fields(cls)}
+        unknown = set(data) - known
+        if unknown:
+            raise ValueError(f"{name}: unknown modality fields {sorted(unknown)}; known: {sorted(known)}")
+        data = {k: v for k, v in data.items() if k != "name"}
+        return cls(name=name, **copy.deepcopy(data))
+
+
+def _modalities_from_flat_fields(kwargs: dict[str, Any]) -> dict[str, ModalityConfig]:
+    """Pop the HCX hub / extension-guide flat fields from ``kwargs`` and turn them into modalities."""
+    modalities: dict[str, ModalityConfig] = {}
+    vision = kwargs.pop("vision_config", None)
+    mm_projector_type = kwargs.pop("mm_projector_type", "mlp")
+    img_start_id = kwargs.pop("img_start_id", HCX_IMAGE_TOKEN_ID)
+    video_start_id = kwargs.pop("video_start_id", HCX_VIDEO_TOKEN_ID)
+    if vision is not None:
+        vision = _as_dict(vision)
+        if vision.get("model_type") in ("qwen2_5_vl", "qwen2_5_vl_visual"):
+            vision["model_type"] = "qwen2_5_vl_vision"
+        modalities["image"] = ModalityConfig("image", encoder=vision, projector={"type": mm_projector_type},
+                                             token_id=img_start_id)
+        modalities["video"] = ModalityConfig("video", encoder=vision, projector={"type": mm_projector_type},
+                                             token_id=video_start_id)
+    audio = kwargs.pop("audio_config", None)
+    audio_projector_type = kwargs.pop("audio_projector_type", "mlp")
+    audio_start_id = kwargs.pop("audio_start_id", None)
+    if audio is not None:
+        modalities["audio"] = ModalityConfig("audio", encoder=_as_dict(audio), projector={"type": audio_projector_type},
+                                             token_id=audio_start_id)
+    sensor = kwargs.pop("sensor_config", None)
+    sensor_path = kwargs.pop("sensor_model_name_or_path", None)
+    sensor_projector_type = kwargs.pop("sensor_projector_type", "mlp")
+    sensor_start_id = kwargs.pop("sensor_start_id", HCX_SENSOR_TOKEN_ID)
+    if sensor is not None:
+        sensor = _as_dict(sensor)
+        sensor.setdefault("model_type", "imu")
+        modalities["sensor"] = ModalityConfig("sensor", encoder=sensor, projector={"type": sensor_projector_type},
+                                              token_id=sensor_start_id, pretrained=sensor_path)
+    return modalities
+
+
+def _as_dict(config: dict | PreTrainedConfig) -> dict[str, Any]:
+    return config.to_dict() if isinstance(config, PreTrainedConfig) else dict(config)
+
+
+class OmniConfig(PreTrainedConfig):
+    """Config of an `OmniForCausalLM`: ``text_config`` (the LLM) plus ``modalities``.
+
+    ``modalities`` accepts `ModalityConfig` objects or plain dicts (as read from config.json) and
+    always holds `ModalityConfig` objects afterwards. The Omni hub's and the extension guide's flat
+    fields (see the module docstring) are accepted as keyword arguments and mapped onto it.
+    """
+
+    model_type = "hcx_omni"
+    sub_configs_defaults = {"text_config": SubConfigSpec(config_class=AutoConfig, model_type="hyperclovax")}
+
+    text_config: dict | PreTrainedConfig | None = None
+    modalities: dict | None = None
+
+    def __post_init__(self, **kwargs):
+        kwargs.pop("model_type", None)  # "vlm" in the Omni hub config; ours is fixed
+        flat_modalities = _modalities_from_flat_fields(kwargs)
+        super().__post_init__(**kwargs)
+        modalities = {}
+        for name, entry in (self.modalities or {}).items():
+            modalities[name] = entry if isinstance(entry, ModalityConfig) else ModalityConfig.from_dict(name, entry)
+        for name, entry in flat_modalities.items():
+            if name in modalities:
+                raise ValueError(f"modality {name!r} is given both in 'modalities' and as flat HCX/guide fields")
+            modalities[name] = entry
+        self.modalities = modalities
+        self.validate_modalities()
+
+    def validate_modalities(self) -> None:
+        """Check that modalities sharing a module agree on its config and that token ids are distinct."""
+        owner_of_module: dict[str, ModalityConfig] = {}
+        owner_of_token: dict[int, str] = {}
+        for modality in self.modalities.values():
+            for module, spec in ((modality.encoder_module, modality.encoder), (modality.projector_module, modality.projector)):
+                previous = owner_of_module.get(module)
+                if previous is not None:
+                    previous_spec = previous.encoder if module == previous.encoder_module else previous.projector
+                    if previous_spec != spec:
+                        raise ValueError(
+                            f"{modality.name} and {previous.name} share module model.{module} but configure it "
+                            "differently; give one of them its own encoder_module/projector_module"
+                        )
+                owner_of_module[module] = modality
+            if modality.token_id is not None:
+                if modality.token_id in owner_of_token:
+                    raise ValueError(
+                        f"{modality.name}: placeholder id {modality.token_id} is already used by "
+                        f"{owner_of_token[modality.token_id]}"
+                    )
+                owner_of_token[modality.token_id] = modality.name
+
+    def add_modality(self, modality: ModalityConfig | dict[str, Any], name: str | None = None) -> ModalityConfig:
+        """Add a modality (object or dict) and re-validate; returns the stored `ModalityConfig`."""
+        if isinstance(modality, dict):
+            modality = ModalityConfig.from_dict(name or modality["name"], modality)
+        if modality.name in self.modalities:
+            raise ValueError(f"modality {modality.name!r} already exists; remove it first or pick another name")
+        self.modalities[modality.name] = modality
+        try:
+            self.validate_modalities()
+        except ValueError:
+            del self.modalities[modality.name]
+            raise
+        return modality
+
+    def modality(self, name: str) -> ModalityConfig:
+        """The `ModalityConfig` called ``name``; a ValueError lists the known ones otherwise."""
+        if name not in self.modalities:
+            raise ValueError(f"unknown modality {name!r}; this model has {sorted(self.modalities) or 'none'}")
+        return self.modalities[name]
+
+    def to_dict(self) -> dict[str, Any]:
+        output = super().to_dict()
+        output["modalities"] = {name: m.to_dict() for name, m in self.modalities.items()}
+        return output
+
+    def to_diff_dict(self) -> dict[str, Any]:
+        output = super().to_diff_dict()
+        output["modalities"] = {name: m.to_dict() for name, m in self.modalities.items()}
+        return output
+
+
+AutoConfig.register("hcx_omni", OmniConfig)

@@ -1,0 +1,241 @@
+"""`OmniProcessor`: chats with modality markers plus raw inputs -> model inputs.
+
+Where placeholders go is decided here, and only here. A prompt such as ``"<imu> What is the person
+doing?"`` is rendered with the LLM's chat template; every marker is then replaced by as many
+placeholder ids as the item yields embeddings (after the encoder's own downsampling and any
+compressor), and the raw items are packed into the batch dict their encoder takes.
+
+Items are given per modality as one flat list in order of appearance across the batch: the first
+``<imu>`` marker of the first sample takes ``imu[0]``, and so on.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from dataclasses import dataclass
+from typing import Any, Sequence
+
+import torch
+
+from hcx_extend.config import ModalityConfig, OmniConfig
+from hcx_extend.encoders import get_encoder
+from hcx_extend.model import IGNORE_INDEX
+
+Message = dict[str, str]
+Sample = str | Sequence[Message]
+
+
+def compressed_length(modality: ModalityConfig, tokens: int) -> int:
+    """Tokens left after the modality's compressor (every compressor keeps one token per chunk)."""
+    if modality.compressor is None or modality.compressor.get("type") == "none":
+        return tokens
+    return math.ceil(tokens / modality.compressor.get("chunk_size", 25))
+
+
+def align_tokens(model, tokenizer) -> list[str]:
+    """Make tokenizer, config and embeddings agree on every modality's placeholder token.
+
+    * token in the tokenizer, id unset: take the tokenizer's id;
+    * token in the tokenizer with another id than the config's: ValueError (one of them is wrong);
+    * token missing and id unset: add the token as a special token, take its id, and grow the
+      model's embeddings if the vocabulary is now larger (existing rows stay bit-identical);
+    * token missing but id set: the config's id is used as is (the processor inserts ids directly).
+
+    Returns the tokens that were added.
+    """
+    vocab = tokenizer.get_vocab()
+    to_add = []
+    for modality in model.config.modalities.values():
+        known = vocab.get(modality.token)
+        if known is not None:
+            if modality.token_id is None:
+                modality.token_id = known
+            elif modality.token_id != known:
+                raise ValueError(
+                    f"{modality.name}: config says placeholder id {modality.token_id} but the tokenizer has "
+                    f"{modality.token!r} at {known}; fix token_id or token"
+                )
+        elif modality.token_id is None:
+            to_add.append(modality)
+    if to_add:
+        from tokenizers import AddedToken
+
+        tokenizer.add_tokens([AddedToken(m.token, special=True, normalized=False) for m in to_add], special_tokens=True)
+        for modality in to_add:
+            modality.token_id = tokenizer.convert_tokens_to_ids(modality.token)
+        needed = max(len(tokenizer), max(m.token_id for m in to_add) + 1)
+        if needed > model.get_input_embeddings().num_embeddings:
+            model.resize_vocab(needed)
+    model.config.validate_modalities()
+    model.check_placeholder_ids()
+    return [m.token for m in to_add]
+
+
+@dataclass
+class _Piece:
+    """Part of a rendered prompt: text to tokenize, or the placeholder run of one item."""
+
+    text: str | None = None
+    modality: str | None = None
+
+
+class OmniProcessor:
+    """Builds ``input_ids``/``attention_mask``/``labels`` and per-modality batches.
+
+    Args:
+        tokenizer: the LLM's tokenizer (its chat template renders chats).
+        config: the model's `OmniConfig`; run `align_tokens` first so every modality has a token id.
+    """
+
+    def __init__(self, tokenizer, config: OmniConfig):
+        self.tokenizer = tokenizer
+        self.config = config
+        missing = [m.name for m in config.modalities.values() if m.token_id is None]
+        if missing:
+            raise ValueError(f"modalities {missing} have no placeholder id; call align_tokens(model, tokenizer) first")
+
+    # ------------------------------------------------------------------ public
+    def __call__(
+        self,
+        samples: Sample | Sequence[Sample],
+        inputs: dict[str, Sequence[Any]] | None = None,
+        *,
+        add_generation_prompt: bool = True,
+        return_labels: bool = False,
+        padding_side: str = "left",
+        use_chat_template: bool = True,
+    ) -> dict[str, Any]:
+        """Tokenize a batch.
+
+        Args:
+            samples: one sample or a list; a sample is a chat (list of ``{"role", "content"}``) or a plain
+                string (used verbatim, no template).
+            inputs: ``{modality name: [item, ...]}``, items in order of appearance across the batch.
+            add_generation_prompt: end prompts with the assistant header (inference). Ignored for samples
+                whose last message is the assistant's answer when ``return_labels`` is set.
+            return_labels: for chats ending with an assistant message, label only the answer tokens.
+            padding_side: "left" for generation, "right" for training.
+            use_chat_template: render chats with the tokenizer's chat template.
+
+        Returns:
+            ``{"input_ids", "attention_mask", ["labels"], "modality_inputs"}`` as tensors.
+        """
+        if isinstance(samples, str) or (samples and isinstance(samples[0], dict)):
+            samples = [samples]
+        if padding_side not in ("left", "right"):
+            raise ValueError(f"padding_side must be 'left' or 'right', got {padding_side!r}")
+        inputs = dict(inputs or {})
+        for name in inputs:
+            self.config.modality(name)
+        batches = {name: self._collate(name, items) for name, items in inputs.items() if len(items)}
+        counts = {name: self._token_counts(name, batch) for name, batch in batches.items()}
+        used = {name: 0 for name in inputs}
+
+        rows, label_rows = [], []
+        for sample in samples:
+            prompt, answer = self._render(sample, add_generation_prompt, return_labels, use_chat_template)
+            prompt_ids = self._tokenize(prompt, counts, used)
+            answer_ids = self._tokenize(answer, counts, used) if answer else []
+            rows.append(prompt_ids + answer_ids)
+            label_rows.append([IGNORE_INDEX] * len(prompt_ids) + answer_ids)
+        for name, items in inputs.items():
+            if used[name] != len(items):
+                marker = self.config.modality(name).marker
+                raise ValueError(
+                    f"{name}: the text has {used[name]} {marker} marker(s) but {len(items)} item(s) were given; "
+                    "give one item per marker"
+                )
+
+        output = self._pad(rows, label_rows if return_labels else None, padding_side)
+        output["modality_inputs"] = batches
+        return output
+
+    def decode(self, token_ids: torch.Tensor | Sequence[int]) -> str:
+        return self.tokenizer.decode(token_ids, skip_special_tokens=True).strip()
+
+    # ------------------------------------------------------------------ steps
+    def _collate(self, name: str, items: Sequence[Any]) -> dict[str, torch.Tensor]:
+        modality = self.config.modality(name)
+        return get_encoder(modality.encoder["model_type"]).collate(list(items), modality)
+
+    def _token_counts(self, name: str, batch: dict[str, torch.Tensor]) -> list[int]:
+        modality = self.config.modality(name)
+        encoder_counts = get_encoder(modality.encoder["model_type"]).token_counts(batch, modality)
+        return [compressed_length(modality, n) for n in encoder_counts]
+
+    def _render(self, sample: Sample, add_generation_prompt: bool, return_labels: bool, use_chat_template: bool):
+        """(prompt text, answer text or None)."""
+        if isinstance(sample, str):
+            return sample, None
+        messages = list(sample)
+        if not messages or any(not isinstance(m, dict) or "role" not in m or "content" not in m for m in messages):
+            raise ValueError("a chat must be a non-empty list of {'role': ..., 'content': ...} messages")
+        template = self._template if use_chat_template else self._plain
+        if return_labels and messages[-1]["role"] == "assistant":
+            prompt = template(messages[:-1], True)
+            full = template(messages, False)
+            if not full.startswith(prompt):
+                raise ValueError("the chat template does not render the prompt as a prefix of the full chat")
+            return prompt, full[len(prompt):]
+        return template(messages, add_generation_prompt), None
+
+    def _template(self, messages: list[Message], add_generation_prompt: bool) -> str:
+        if getattr(self.tokenizer, "chat_template", None) is None:
+            return self._plain(messages, add_generation_prompt)
+        return self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt)
+
+    @staticmethod
+    def _plain(messages: list[Message], add_generation_prompt: bool) -> str:
+        text = "".join(f"{m['role']}: {m['content']}\n" for m in messages)
+        return text + ("assistant: " if add_generation_prompt else "")
+
+    def _split(self, text: str) -> list[_Piece]:
+        by_marker = {m.marker: m.name for m in self.config.modalities.values()}
+        pattern = "|".join(re.escape(marker) for marker in sorted(by_marker, key=len, reverse=True))
+        pieces, position = [], 0
+        for match in re.finditer(pattern, text) if pattern else ():
+            if match.start() > position:
+                pieces.append(_Piece(text=text[position:match.start()]))
+            pieces.append(_Piece(modality=by_marker[match.group(0)]))
+            position = match.end()
+        if position < len(text):
+            pieces.append(_Piece(text=text[position:]))
+        return pieces
+
+    def _tokenize(self, text: str, counts: dict[str, list[int]], used: dict[str, int]) -> list[int]:
+        ids: list[int] = []
+        for piece in self._split(text):
+            if piece.text is not None:
+                ids.extend(self.tokenizer(piece.text, add_special_tokens=False)["input_ids"])
+                continue
+            name = piece.modality
+            modality = self.config.modality(name)
+            available = counts.get(name, [])
+            index = used.get(name, 0)
+            if index >= len(available):
+                raise ValueError(
+                    f"{name}: the text has more {modality.marker} markers than the {len(available)} item(s) given"
+                )
+            ids.extend([modality.token_id] * available[index])
+            used[name] = index + 1
+        return ids
+
+    def _pad(self, rows: list[list[int]], label_rows: list[list[int]] | None, side: str) -> dict[str, Any]:
+        pad_id = self.tokenizer.pad_token_id
+        if pad_id is None:
+            pad_id = self.tokenizer.eos_token_id if self.tokenizer.eos_token_id is not None else 0
+        width = max(len(r) for r in rows)
+        input_ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
+        attention_mask = torch.zeros((len(rows), width), dtype=torch.long)
+        labels = torch.full((len(rows), width), IGNORE_INDEX, dtype=torch.long)
+        for i, row in enumerate(rows):
+            span = slice(width - len(row), width) if side == "left" else slice(0, len(row))
+            input_ids[i, span] = torch.tensor(row, dtype=torch.long)
+            attention_mask[i, span] = 1
+            if label_rows is not None:
+                labels[i, span] = torch.tensor(label_rows[i], dtype=torch.long)
+        output: dict[str, Any] = {"input_ids": input_ids, "attention_mask": attention_mask}
+        if label_rows is not None:
+            output["labels"] = labels
+        return output
