@@ -138,12 +138,13 @@ def build_preset(name: str, *, device: str | torch.device = "cpu", seed: int | N
         return OmniForCausalLM(config)
 
 
-def sensor_modality(name: str = "imu", **encoder_settings: Any) -> ModalityConfig:
+def sensor_modality(name: str = "imu", token_id: int | None = None, **encoder_settings: Any) -> ModalityConfig:
     """An IMU-encoder modality with the extension guide's SiLU MLP projector."""
     return ModalityConfig(
         name,
         encoder={"model_type": "imu", **encoder_settings},
         projector={"type": "mlp", "activation": "silu"},
+        token_id=token_id,
     )
 
 
