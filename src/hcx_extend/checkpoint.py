@@ -171,9 +171,7 @@ def safetensors_files(directory: Path) -> list[Path]:
 def iter_safetensors(directory: Path) -> Iterator[tuple[str, torch.Tensor]]:
     """Yield ``(key, tensor)`` one tensor at a time, so loading never holds two copies of a checkpoint."""
     for path in safetensors_files(directory):
-        with safe_open(path, framework="pt", device="cpu") as reader:
-            for key in reader.keys():
-                yield key, reader.get_tensor(key)
+        yield from iter_safetensors_file(path)
 
 
 def read_config_dict(directory: Path) -> dict[str, Any]:
@@ -398,7 +396,9 @@ def _read_gguf(path: Path) -> Source:
     state = llm.state_dict()
     if getattr(llm.config, "tie_word_embeddings", False):
         state.pop("lm_head.weight", None)
-    config = OmniConfig(text_config=llm.config.to_dict(), modalities={})
+    text_config = llm.config.to_dict()
+    text_config.pop("quantization_config", None)  # the weights are dequantised now
+    config = OmniConfig(text_config=text_config, modalities={})
     return Source("gguf", config, _rename(list(state.items()), hcx_key_from_causal_lm), tokenizer)
 
 
@@ -478,3 +478,64 @@ def _load_pretrained_encoders(model: OmniForCausalLM, modalities: list[ModalityC
                 f"{modality.name}: weights in {directory} do not fit the encoder: missing {result.missing_keys[:5]}, "
                 f"unexpected {result.unexpected_keys[:5]}"
             )
+
+
+# ---------------------------------------------------------------------------------------- trained parts
+TRAINED_FILE = "trainable.safetensors"
+RUN_FILE = "run.json"
+
+
+def save_trained(
+    model: OmniForCausalLM,
+    directory: str | os.PathLike,
+    *,
+    base: str | os.PathLike,
+    components: Iterable[str],
+    tokenizer: Any = None,
+) -> None:
+    """Save only the trained components plus the full config; ``base`` is the model they extend.
+
+    A few MB instead of the whole LLM: `load_trained` rebuilds the model from ``base`` (any source
+    `read_source` reads) and puts the trained components back.
+    """
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    components = list(components)
+    prefixes = tuple(f"model.{c}." for c in components)
+    tensors = {k: v.detach().to("cpu").contiguous() for k, v in model.state_dict().items() if k.startswith(prefixes)}
+    save_file(tensors, directory / TRAINED_FILE, metadata={"format": "pt"})
+    (directory / "config.json").write_text(json.dumps(model.config.to_dict(), indent=2, sort_keys=True, default=str))
+    (directory / RUN_FILE).write_text(json.dumps({"base": str(Path(base).resolve()), "components": components}, indent=2))
+    if tokenizer is not None:
+        tokenizer.save_pretrained(str(directory))
+
+
+def load_trained(directory: str | os.PathLike, *, dtype: torch.dtype | str | None = None):
+    """Load what `save_trained` wrote, or a full checkpoint folder: ``(model, tokenizer)``."""
+    directory = Path(directory)
+    if not (directory / RUN_FILE).exists():
+        model, _ = load_checkpoint(directory, dtype=dtype)
+        return model, _load_tokenizer(directory)
+    run = json.loads((directory / RUN_FILE).read_text())
+    config = OmniConfig(**read_config_dict(directory))
+    source = read_source(run["base"])
+    tokenizer = _load_tokenizer(directory) or source.tokenizer
+    new = [m for name, m in config.modalities.items() if name not in source.config.modalities]
+    model = extend(source, new, tokenizer=tokenizer, dtype=dtype).model
+    trained = dict(iter_safetensors_file(directory / TRAINED_FILE))
+    expected = {k for k in model.state_dict() if k.startswith(tuple(f"model.{c}." for c in run["components"]))}
+    if set(trained) != expected:
+        raise ValueError(
+            f"{directory}: trained tensors do not match the rebuilt model (missing {sorted(expected - set(trained))[:3]}, "
+            f"unexpected {sorted(set(trained) - expected)[:3]})"
+        )
+    model.load_state_dict(trained, strict=False)
+    for name, modality in config.modalities.items():
+        model.config.modality(name).normalization = modality.normalization
+    return model, tokenizer
+
+
+def iter_safetensors_file(path: Path) -> Iterator[tuple[str, torch.Tensor]]:
+    with safe_open(path, framework="pt", device="cpu") as reader:
+        for key in reader.keys():
+            yield key, reader.get_tensor(key)

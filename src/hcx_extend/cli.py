@@ -71,6 +71,38 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return run_demo(args)
 
 
+def cmd_chat(args: argparse.Namespace) -> int:
+    import torch
+
+    from hcx_extend.checkpoint import load_trained
+    from hcx_extend.data.sensors import read_recording, resample
+    from hcx_extend.processor import OmniProcessor
+
+    model, tokenizer = load_trained(args.checkpoint)
+    if tokenizer is None:
+        raise ValueError(f"{args.checkpoint} has no tokenizer")
+    inputs: dict[str, list] = {}
+    prompt = args.prompt
+    for name, files in (("imu", args.imu),):
+        if not files:
+            continue
+        modality = model.config.modality(name)
+        recordings = [read_recording(f, modality.input.channel_names) for f in files]
+        if args.rate and modality.input.sample_rate:
+            recordings = [resample(r, args.rate, modality.input.sample_rate) for r in recordings]
+        inputs[name] = recordings
+        missing = len(files) - prompt.count(modality.marker)
+        if missing > 0:  # no markers written: the recordings go before the question
+            prompt = " ".join([modality.marker] * missing + [prompt])
+    processor = OmniProcessor(tokenizer, model.config)
+    batch = processor([[{"role": "user", "content": prompt}]], inputs)
+    with torch.no_grad():
+        generated = model.generate(**batch, max_new_tokens=args.max_new_tokens, do_sample=False,
+                                   pad_token_id=tokenizer.pad_token_id or tokenizer.eos_token_id)
+    print(processor.decode(generated[0, batch["input_ids"].shape[1]:]))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="hcx-extend",
@@ -89,6 +121,15 @@ def build_parser() -> argparse.ArgumentParser:
     ext.add_argument("--modality", action="append", default=[], metavar="FILE", help="add a modality from a JSON file")
     ext.add_argument("--dtype", default=None, help="cast weights (float32, bfloat16, float16); default: keep")
     ext.set_defaults(run=cmd_extend)
+
+    chat = commands.add_parser("chat", help="answer a prompt (with IMU recordings) from a saved checkpoint")
+    chat.add_argument("checkpoint", help="a demo/trainer checkpoint folder or a full HCX checkpoint")
+    chat.add_argument("prompt", help='e.g. "What activity is the person doing?"; <imu> marks where recordings go')
+    chat.add_argument("--imu", action="append", default=[], metavar="FILE",
+                      help="an IMU recording (.csv with a header row, .npy, .ts); repeat for several")
+    chat.add_argument("--rate", type=float, default=None, help="sample rate of the files in Hz (resampled to the model's)")
+    chat.add_argument("--max-new-tokens", type=int, default=32)
+    chat.set_defaults(run=cmd_chat)
 
     from hcx_extend.demo import add_demo_arguments
 

@@ -38,9 +38,11 @@ def align_tokens(model, tokenizer) -> list[str]:
 
     * token in the tokenizer, id unset: take the tokenizer's id;
     * token in the tokenizer with another id than the config's: ValueError (one of them is wrong);
-    * token missing and id unset: add the token as a special token, take its id, and grow the
-      model's embeddings if the vocabulary is now larger (existing rows stay bit-identical);
+    * token missing and id unset: add the token as a special token and take its id;
     * token missing but id set: the config's id is used as is (the processor inserts ids directly).
+
+    Then the model's embeddings grow if the tokenizer has more ids than the model has rows (existing
+    rows stay bit-identical). An explicit id outside the vocabulary raises ValueError.
 
     Returns the tokens that were added.
     """
@@ -64,9 +66,11 @@ def align_tokens(model, tokenizer) -> list[str]:
         tokenizer.add_tokens([AddedToken(m.token, special=True, normalized=False) for m in to_add], special_tokens=True)
         for modality in to_add:
             modality.token_id = tokenizer.convert_tokens_to_ids(modality.token)
-        needed = max(len(tokenizer), max(m.token_id for m in to_add) + 1)
-        if needed > model.get_input_embeddings().num_embeddings:
-            model.resize_vocab(needed)
+    # Grow for the tokenizer's ids only; an explicit id outside the vocabulary is an error (below).
+    vocab = tokenizer.get_vocab()
+    needed = max([len(tokenizer)] + [vocab[m.token] + 1 for m in model.config.modalities.values() if m.token in vocab])
+    if needed > model.get_input_embeddings().num_embeddings:
+        model.resize_vocab(needed)
     model.config.validate_modalities()
     model.check_placeholder_ids()
     return [m.token for m in to_add]

@@ -34,10 +34,12 @@ def registered_encoders() -> list[str]:
 
 def _register_builtins() -> None:
     from hcx_extend.encoders.imu import IMUModalityEncoder
+    from hcx_extend.encoders.imu_guide import GuideIMUModalityEncoder
     from hcx_extend.encoders.qwen_audio import QwenAudioEncoder
     from hcx_extend.encoders.qwen_vision import QwenVisionEncoder
 
     register_encoder("imu", IMUModalityEncoder())
+    register_encoder("imu_guide", GuideIMUModalityEncoder())
     register_encoder("qwen2_5_vl_vision", QwenVisionEncoder())
     register_encoder("qwen2_audio_encoder", QwenAudioEncoder())
 

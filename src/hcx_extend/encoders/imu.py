@@ -44,6 +44,7 @@ IMU_DEFAULTS: dict[str, Any] = {
     "output_size": 1280,
     "stride": 1,
     "kernel_size": 3,
+    "positions": "sinusoidal",
     "max_length": 8192,
 }
 
@@ -137,6 +138,7 @@ class IMUEncoder(nn.Module):
         output_size: width of the returned embeddings (guide: 1280), the projector's input.
         stride: steps averaged into one token (1 = one token per step).
         kernel_size: temporal kernel of the input convolution (odd).
+        positions: "sinusoidal" (added after pooling) or "none" (order comes from the convolution only).
     """
 
     def __init__(
@@ -150,8 +152,12 @@ class IMUEncoder(nn.Module):
         output_size: int = 1280,
         stride: int = 1,
         kernel_size: int = 3,
+        positions: str = "sinusoidal",
     ):
         super().__init__()
+        if positions not in ("sinusoidal", "none"):
+            raise ValueError(f"imu encoder: positions must be 'sinusoidal' or 'none', got {positions!r}")
+        self.positions = positions
         if stride < 1:
             raise ValueError(f"imu encoder: stride must be >= 1, got {stride}")
         if kernel_size < 1 or kernel_size % 2 == 0:
@@ -174,7 +180,8 @@ class IMUEncoder(nn.Module):
         x = self.input_conv((values * mask[..., None]).transpose(1, 2)).transpose(1, 2)
         if self.stride > 1:
             x, mask = masked_mean_pool(x, mask, self.stride)
-        x = x + sinusoidal_positions(x.shape[1], x.shape[2], x.device, x.dtype)
+        if self.positions == "sinusoidal":
+            x = x + sinusoidal_positions(x.shape[1], x.shape[2], x.device, x.dtype)
         for layer in self.layers:
             x = layer(x, mask)
         features = self.output_proj(self.norm(x)) * mask[..., None]

@@ -1,0 +1,161 @@
+"""Sensor recordings in, clean ``(time, channels)`` float32 arrays out.
+
+Readers for CSV (a header row of channel names), NumPy ``.npy`` and aeon's ``.ts`` files; per-channel
+normalisation statistics fitted on training data (stored in the modality config, applied by the
+processor); resampling to the modality's rate; windowing of long recordings. Every reader rejects
+bad input with a ValueError that names the file and what is wrong: missing channels, non-numeric
+cells, empty recordings, NaN/Inf.
+"""
+
+from __future__ import annotations
+
+import csv
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+
+
+def _check_recording(values: np.ndarray, source: str, channels: int | None = None) -> np.ndarray:
+    if values.ndim != 2:
+        raise ValueError(f"{source}: expected a (time, channels) array, got shape {values.shape}")
+    if values.shape[0] == 0:
+        raise ValueError(f"{source}: the recording is empty (0 time steps)")
+    if channels is not None and values.shape[1] != channels:
+        raise ValueError(f"{source}: expected {channels} channels, got {values.shape[1]} (shape {values.shape})")
+    if not np.isfinite(values).all():
+        rows = sorted(set(np.argwhere(~np.isfinite(values))[:, 0].tolist()))
+        raise ValueError(f"{source}: NaN/Inf at time step(s) {rows[:5]}{' ...' if len(rows) > 5 else ''}")
+    return values.astype(np.float32)
+
+
+def read_csv(path: str | Path, channel_names: Sequence[str] | None = None) -> np.ndarray:
+    """Read a CSV whose first row names the channels; returns ``(time, channels)`` float32.
+
+    Args:
+        channel_names: columns to return, in this order (extra columns are ignored). None = all columns.
+    """
+    path = Path(path)
+    with path.open(newline="") as handle:
+        rows = list(csv.reader(handle))
+    if not rows:
+        raise ValueError(f"{path}: empty file; expected a header row of channel names")
+    header = [name.strip() for name in rows[0]]
+    if channel_names is not None:
+        missing = [name for name in channel_names if name not in header]
+        if missing:
+            raise ValueError(f"{path}: missing channel(s) {missing}; the header has {header}")
+        columns = [header.index(name) for name in channel_names]
+    else:
+        columns = list(range(len(header)))
+    data = []
+    for line, row in enumerate(rows[1:], start=2):
+        if not any(cell.strip() for cell in row):
+            continue
+        if len(row) != len(header):
+            raise ValueError(f"{path}: line {line} has {len(row)} cells, the header has {len(header)}")
+        values = []
+        for column in columns:
+            cell = row[column].strip()
+            try:
+                values.append(float(cell))
+            except ValueError:
+                raise ValueError(f"{path}: line {line}, column {header[column]!r}: {cell!r} is not a number") from None
+        data.append(values)
+    return _check_recording(np.asarray(data, dtype=np.float64).reshape(len(data), len(columns)), str(path))
+
+
+def write_csv(path: str | Path, values: np.ndarray, channel_names: Sequence[str]) -> None:
+    """Write ``(time, channels)`` with a header row (the format `read_csv` reads)."""
+    with Path(path).open("w", newline="") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(channel_names)
+        writer.writerows([f"{v:.6g}" for v in row] for row in np.asarray(values))
+
+
+def read_npy(path: str | Path) -> np.ndarray:
+    """Read a ``(time, channels)`` array from ``.npy`` (pickled objects are refused)."""
+    try:
+        values = np.load(path, allow_pickle=False)
+    except ValueError as error:
+        raise ValueError(f"{path}: not a plain numeric .npy file ({error})") from None
+    if not np.issubdtype(values.dtype, np.number):
+        raise ValueError(f"{path}: expected numbers, got dtype {values.dtype}")
+    return _check_recording(values, str(path))
+
+
+def read_ts(path: str | Path) -> tuple[list[np.ndarray], list[str] | None]:
+    """Read an aeon/sktime ``.ts`` file: a list of ``(time, channels)`` recordings and their labels."""
+    from aeon.datasets import load_from_ts_file
+
+    try:
+        loaded = load_from_ts_file(str(path))
+    except Exception as error:  # aeon raises several types for malformed files
+        raise ValueError(f"{path}: could not read as a .ts file ({error})") from None
+    X, y = loaded if isinstance(loaded, tuple) else (loaded, None)
+    recordings = [_check_recording(np.asarray(x, dtype=np.float64).T, f"{path} case {i}") for i, x in enumerate(X)]
+    return recordings, (None if y is None else [str(label) for label in y])
+
+
+def read_recording(path: str | Path, channel_names: Sequence[str] | None = None) -> np.ndarray:
+    """One recording from ``.csv`` or ``.npy`` (``.ts`` files hold several: use `read_ts`)."""
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"{path} does not exist")
+    suffix = path.suffix.lower()
+    if suffix == ".csv":
+        return read_csv(path, channel_names)
+    if suffix == ".npy":
+        return read_npy(path)
+    if suffix == ".ts":
+        recordings, _ = read_ts(path)
+        if len(recordings) != 1:
+            raise ValueError(f"{path}: holds {len(recordings)} recordings; pass one, or read them with read_ts")
+        return recordings[0]
+    raise ValueError(f"{path}: unsupported file type {suffix!r}; use .csv (header row), .npy or .ts")
+
+
+def fit_normalization(recordings: Sequence[np.ndarray]) -> dict[str, list[float]]:
+    """Per-channel mean and standard deviation over every time step of ``recordings``.
+
+    Channels that never vary get std 1 so normalising them cannot divide by zero.
+    """
+    if not recordings:
+        raise ValueError("fit_normalization needs at least one recording")
+    stacked = np.concatenate([np.asarray(r, dtype=np.float64) for r in recordings])
+    std = stacked.std(axis=0)
+    std[std < 1e-8] = 1.0
+    return {"mean": stacked.mean(axis=0).tolist(), "std": std.tolist()}
+
+
+def resample(values: np.ndarray, from_rate: float, to_rate: float) -> np.ndarray:
+    """Linear interpolation along time from ``from_rate`` to ``to_rate`` samples per second."""
+    if from_rate <= 0 or to_rate <= 0:
+        raise ValueError(f"sample rates must be positive, got {from_rate} -> {to_rate}")
+    values = np.asarray(values)
+    if from_rate == to_rate:
+        return values.astype(np.float32)
+    length = max(1, round(values.shape[0] * to_rate / from_rate))
+    source_times = np.arange(values.shape[0]) / from_rate
+    target_times = np.arange(length) / to_rate
+    return np.stack([np.interp(target_times, source_times, values[:, c]) for c in range(values.shape[1])], axis=1).astype(
+        np.float32
+    )
+
+
+def window(values: np.ndarray, length: int, hop: int | None = None) -> list[np.ndarray]:
+    """Cut a long recording into windows of ``length`` steps every ``hop`` steps (default: no overlap).
+
+    The last window is aligned to the end of the recording so no step is dropped; a recording no
+    longer than ``length`` comes back whole.
+    """
+    if length < 1 or (hop is not None and hop < 1):
+        raise ValueError(f"window length and hop must be >= 1, got {length} and {hop}")
+    hop = hop or length
+    total = values.shape[0]
+    if total <= length:
+        return [values]
+    starts = list(range(0, total - length + 1, hop))
+    if starts[-1] + length < total:
+        starts.append(total - length)
+    return [values[s:s + length] for s in starts]

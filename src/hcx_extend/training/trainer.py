@@ -1,0 +1,367 @@
+"""A small trainer for modality extension, built on accelerate.
+
+It trains whatever the strategy left trainable (`hcx_extend.training.strategies`), with AdamW, a
+warm-up + cosine schedule, gradient clipping, periodic evaluation with model selection on a metric,
+early stopping, and checkpoints that hold only the trained parameters plus the full config. A run
+that is interrupted resumes from its last checkpoint and continues as if it had never stopped: the
+data order, dropout randomness, optimiser and schedule all come back.
+
+Checkpoint folder (``output_dir/last`` and ``output_dir/best``)::
+
+    trainable.safetensors   trained parameters under their HCX names, and the RNG state
+    optimizer.pt            optimiser state (read back with torch.load(weights_only=True))
+    state.json              step, epoch, position in the epoch, history, best score, schedule
+    config.json             the model's full OmniConfig (normalisation statistics included)
+
+Several processes (``accelerate launch``): each global batch is split across processes and the
+gradients are averaged, so the result does not depend on the process count.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import torch
+from accelerate import Accelerator
+from safetensors.torch import load_file, save_file
+from tqdm.auto import tqdm
+
+from hcx_extend.model import OmniForCausalLM
+from hcx_extend.processor import OmniProcessor
+from hcx_extend.training.report import trainable_report
+from hcx_extend.training.strategies import apply_strategy, get_strategy, set_train_mode
+
+RNG_KEY = "__rng_state__"
+# Settings a resumed run must share with the run it continues.
+RESUME_KEYS = ("strategy", "modalities", "epochs", "batch_size", "learning_rate", "weight_decay", "warmup_steps",
+               "min_lr_ratio", "max_grad_norm", "seed")
+
+
+@dataclass
+class Example:
+    """One training sample: a chat ending with the assistant's answer, and its modality items."""
+
+    messages: list[dict[str, str]]
+    inputs: dict[str, list[Any]] = field(default_factory=dict)
+
+
+@dataclass
+class TrainConfig:
+    """Settings of a run.
+
+    Args:
+        strategy: a name from `hcx_extend.training.strategies.STRATEGIES`.
+        modalities: modalities the strategy trains (None = all).
+        epochs / batch_size: passes over the data and samples per optimiser step (global).
+        learning_rate / weight_decay / warmup_steps / min_lr_ratio: AdamW with linear warm-up then
+            cosine decay to ``min_lr_ratio * learning_rate``.
+        max_grad_norm: gradient clipping (None = off).
+        eval_every_steps: evaluate every N steps (None = after every epoch).
+        patience: stop after this many evaluations without a better score (None = never).
+        max_steps: stop after this many steps in all (None = run every epoch).
+        save_every_steps: also write the resume checkpoint every N steps (None = at evaluations only).
+        output_dir: where checkpoints and ``log.jsonl`` go (None = keep nothing on disk).
+        resume: continue from ``output_dir/last`` when it exists.
+        seed: data order and dropout.
+        progress: show a progress bar.
+    """
+
+    strategy: str = "new-encoder"
+    modalities: Sequence[str] | None = None
+    epochs: int = 10
+    batch_size: int = 8
+    learning_rate: float = 3e-4
+    weight_decay: float = 0.01
+    warmup_steps: int = 0
+    min_lr_ratio: float = 0.1
+    max_grad_norm: float | None = 1.0
+    eval_every_steps: int | None = None
+    patience: int | None = None
+    max_steps: int | None = None
+    save_every_steps: int | None = None
+    output_dir: str | None = None
+    resume: bool = True
+    seed: int = 0
+    progress: bool = True
+
+    def __post_init__(self):
+        for name in ("epochs", "batch_size"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.learning_rate <= 0:
+            raise ValueError(f"learning_rate must be positive, got {self.learning_rate}")
+
+
+@dataclass
+class TrainResult:
+    history: list[dict[str, Any]]
+    best: dict[str, Any] | None
+    steps: int
+    train_seconds: float
+    stopped_early: bool
+
+
+EvalFn = Callable[[OmniForCausalLM], dict[str, float]]
+
+
+class Trainer:
+    """Train ``model`` on ``examples`` with ``config``.
+
+    Args:
+        model: the model; the strategy decides what in it learns.
+        processor: builds batches (labels on the assistant answers only).
+        examples: training `Example`s.
+        config: `TrainConfig`.
+        evaluate: called on the model in eval mode; returns metrics including ``"score"`` (higher is
+            better) used for model selection and early stopping. None = no evaluation.
+        log: where progress lines go (default: print on the main process).
+    """
+
+    def __init__(
+        self,
+        model: OmniForCausalLM,
+        processor: OmniProcessor,
+        examples: Sequence[Example],
+        config: TrainConfig,
+        evaluate: EvalFn | None = None,
+        log: Callable[[str], None] | None = None,
+        accelerator: Accelerator | None = None,
+    ):
+        if not examples:
+            raise ValueError("no training examples")
+        self.config = config
+        self.processor = processor
+        self.examples = list(examples)
+        self.evaluate = evaluate
+        self.accelerator = accelerator or Accelerator()
+        self.log = log or (lambda line: self.accelerator.print(line))
+        self.strategy = get_strategy(config.strategy)
+        self.components = apply_strategy(model, self.strategy, config.modalities)
+        self.model = model
+        self.parameters = {name: p for name, p in model.named_parameters() if p.requires_grad}
+        if not self.parameters:
+            raise ValueError(f"strategy {self.strategy.name} leaves nothing to train for modalities {config.modalities}")
+        world = self.accelerator.num_processes
+        if config.batch_size % world:
+            raise ValueError(f"batch_size {config.batch_size} must be divisible by the {world} processes")
+        self.steps_per_epoch = math.ceil(len(self.examples) / config.batch_size)
+        self.total_steps = self.steps_per_epoch * config.epochs
+        if config.max_steps is not None:
+            self.total_steps = min(self.total_steps, config.max_steps)
+        optimizer = torch.optim.AdamW(self.parameters.values(), lr=config.learning_rate,
+                                      weight_decay=config.weight_decay)
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, self._lr_factor)
+        self.model, self.optimizer = self.accelerator.prepare(model, optimizer)
+        self.output_dir = Path(config.output_dir) if config.output_dir else None
+        self.step = 0
+        self.history: list[dict[str, Any]] = []
+        self.best: dict[str, Any] | None = None
+        self.best_state: dict[str, torch.Tensor] | None = None
+        self.evals_without_improvement = 0
+        self.finished = False
+
+    # ------------------------------------------------------------------ schedule
+    def _lr_factor(self, step: int) -> float:
+        warmup = self.config.warmup_steps
+        if warmup and step < warmup:
+            return (step + 1) / warmup
+        span = max(1, self.steps_per_epoch * self.config.epochs - warmup)
+        progress = min(1.0, (step - warmup) / span)
+        floor = self.config.min_lr_ratio
+        return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * progress))
+
+    def _epoch_order(self, epoch: int) -> list[int]:
+        generator = torch.Generator().manual_seed(self.config.seed * 100_003 + epoch)
+        return torch.randperm(len(self.examples), generator=generator).tolist()
+
+    # ------------------------------------------------------------------ loop
+    def train(self) -> TrainResult:
+        self.log(f"strategy {self.strategy.name}: {self.strategy.summary}")
+        self.log(trainable_report(self.accelerator.unwrap_model(self.model)))
+        if self.config.resume and self.output_dir and (self.output_dir / "last" / "state.json").exists():
+            self._load_checkpoint(self.output_dir / "last")
+            self.log(f"resumed from {self.output_dir / 'last'} at step {self.step}")
+        started = time.perf_counter()
+        train_seconds = sum(h.get("seconds", 0.0) for h in self.history if "loss" in h)
+        stopped_early = False
+        if self.finished:
+            self.log("this run already finished; nothing left to train")
+        bar = tqdm(total=self.total_steps, initial=self.step, desc="training", unit="step",
+                   disable=not (self.config.progress and self.accelerator.is_main_process))
+        while not self.finished and self.step < self.total_steps and not stopped_early:
+            epoch, position = divmod(self.step, self.steps_per_epoch)
+            order = self._epoch_order(epoch)
+            batch_indices = order[position * self.config.batch_size:(position + 1) * self.config.batch_size]
+            step_started = time.perf_counter()
+            loss = self._train_step(batch_indices)
+            seconds = time.perf_counter() - step_started
+            train_seconds += seconds
+            self.step += 1
+            record = {"step": self.step, "epoch": epoch, "loss": loss, "lr": self.scheduler.get_last_lr()[0],
+                      "seconds": seconds, "train_seconds": train_seconds}
+            self._record(record)
+            bar.update(1)
+            bar.set_postfix(loss=f"{loss:.3f}", lr=f"{record['lr']:.2e}")
+            end_of_epoch = self.step % self.steps_per_epoch == 0
+            due = (self.step % self.config.eval_every_steps == 0) if self.config.eval_every_steps else end_of_epoch
+            if self.evaluate is not None and (due or self.step == self.total_steps):
+                stopped_early = self._evaluate_and_select(epoch, train_seconds)
+            if self.output_dir and (due or end_of_epoch or self.step == self.total_steps or
+                                    (self.config.save_every_steps and self.step % self.config.save_every_steps == 0)):
+                self._save_checkpoint(self.output_dir / "last")
+        bar.close()
+        # Finished means every epoch ran or early stopping fired; a max_steps stop can be resumed further.
+        self.finished = self.finished or stopped_early or self.step >= self.steps_per_epoch * self.config.epochs
+        if self.output_dir:
+            self._save_checkpoint(self.output_dir / "last")
+        if self.best_state is not None:
+            self._load_trainable(self.best_state)
+        self.accelerator.unwrap_model(self.model).eval()
+        self.log(f"trained {self.step} steps in {train_seconds:.1f} s (wall {time.perf_counter() - started:.1f} s)")
+        return TrainResult(self.history, self.best, self.step, train_seconds, stopped_early)
+
+    def _train_step(self, indices: list[int]) -> float:
+        model = self.model
+        set_train_mode(self.accelerator.unwrap_model(model))
+        world, rank = self.accelerator.num_processes, self.accelerator.process_index
+        local = indices[rank::world]
+        batch = self._collate([self.examples[i] for i in local])
+        batch = {k: _to_device(v, self.accelerator.device) for k, v in batch.items()}
+        output = model(**batch, logits_to_keep="labels")
+        # Weight each process's mean loss by its share of the global batch, so averaging gradients
+        # across processes equals one process on the whole batch.
+        loss = output.loss * (len(local) * world / len(indices))
+        self.accelerator.backward(loss)
+        if self.config.max_grad_norm is not None:
+            self.accelerator.clip_grad_norm_(list(self.parameters.values()), self.config.max_grad_norm)
+        self.optimizer.step()
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return float(self.accelerator.reduce(output.loss.detach(), reduction="mean"))
+
+    def _collate(self, examples: list[Example]) -> dict[str, Any]:
+        inputs: dict[str, list[Any]] = {}
+        for example in examples:
+            for name, items in example.inputs.items():
+                inputs.setdefault(name, []).extend(items)
+        return self.processor([e.messages for e in examples], inputs, return_labels=True, padding_side="right")
+
+    def _evaluate_and_select(self, epoch: int, train_seconds: float) -> bool:
+        """Evaluate, keep the best trainable state, and say whether to stop early."""
+        rng = torch.get_rng_state()
+        model = self.accelerator.unwrap_model(self.model)
+        model.eval()
+        with torch.no_grad():
+            metrics = self.evaluate(model) if self.accelerator.is_main_process else {}
+        torch.set_rng_state(rng)
+        metrics = self.accelerator.gather_for_metrics([metrics])[0] if self.accelerator.num_processes > 1 else metrics
+        record = {"step": self.step, "epoch": epoch, "train_seconds": train_seconds,
+                  **{f"eval_{k}": v for k, v in metrics.items()}}
+        self._record(record)
+        score = metrics.get("score")
+        improved = score is not None and (self.best is None or score > self.best["eval_score"])
+        if improved:
+            self.best = record
+            self.best_state = {name: p.detach().clone() for name, p in self._trainable_named()}
+            self.evals_without_improvement = 0
+            if self.output_dir:
+                self._save_checkpoint(self.output_dir / "best")
+        else:
+            self.evals_without_improvement += 1
+        shown = ", ".join(f"{k} {v:.4g}" for k, v in metrics.items())
+        self.log(f"step {self.step} (epoch {epoch + 1}): {shown}{' *best*' if improved else ''}")
+        patience = self.config.patience
+        return patience is not None and self.evals_without_improvement >= patience
+
+    def _record(self, record: dict[str, Any]) -> None:
+        self.history.append(record)
+        if self.output_dir and self.accelerator.is_main_process:
+            self.output_dir.mkdir(parents=True, exist_ok=True)
+            with (self.output_dir / "log.jsonl").open("a") as handle:
+                handle.write(json.dumps(record) + "\n")
+
+    # ------------------------------------------------------------------ checkpoints
+    def _trainable_named(self):
+        model = self.accelerator.unwrap_model(self.model)
+        return [(name, p) for name, p in model.named_parameters() if p.requires_grad]
+
+    def _load_trainable(self, state: dict[str, torch.Tensor]) -> None:
+        with torch.no_grad():
+            for name, parameter in self._trainable_named():
+                parameter.copy_(state[name])
+
+    def _save_checkpoint(self, directory: Path) -> None:
+        self.accelerator.wait_for_everyone()
+        if not self.accelerator.is_main_process:
+            return
+        staging = directory.with_name(directory.name + ".tmp")
+        staging.mkdir(parents=True, exist_ok=True)
+        tensors = {name: p.detach().to("cpu").contiguous() for name, p in self._trainable_named()}
+        tensors[RNG_KEY] = torch.get_rng_state()
+        save_file(tensors, staging / "trainable.safetensors", metadata={"format": "pt"})
+        torch.save(self.optimizer.state_dict(), staging / "optimizer.pt")
+        state = {"step": self.step, "finished": self.finished, "history": self.history, "best": self.best,
+                 "evals_without_improvement": self.evals_without_improvement,
+                 "scheduler": self.scheduler.state_dict(), "train_config": _jsonable(asdict(self.config)),
+                 "components": self.components}
+        (staging / "state.json").write_text(json.dumps(state, indent=1))
+        (staging / "config.json").write_text(json.dumps(self.accelerator.unwrap_model(self.model).config.to_dict(),
+                                                        indent=2, sort_keys=True, default=str))
+        if directory.exists():
+            for old in directory.iterdir():
+                old.unlink()
+            directory.rmdir()
+        os.replace(staging, directory)
+
+    def _load_checkpoint(self, directory: Path) -> None:
+        state = json.loads((directory / "state.json").read_text())
+        saved, current = state["train_config"], _jsonable(asdict(self.config))
+        different = [k for k in RESUME_KEYS if saved.get(k) != current.get(k)]
+        if different:
+            raise ValueError(
+                f"{directory} holds a run with other settings ({', '.join(f'{k}: {saved.get(k)} vs {current.get(k)}' for k in different)}); "
+                "use another output_dir or resume=False"
+            )
+        tensors = load_file(directory / "trainable.safetensors")
+        rng = tensors.pop(RNG_KEY)
+        names = {name for name, _ in self._trainable_named()}
+        if set(tensors) != names:
+            raise ValueError(
+                f"checkpoint {directory} trains other parameters than this run "
+                f"(missing {sorted(names - set(tensors))[:3]}, extra {sorted(set(tensors) - names)[:3]})"
+            )
+        self._load_trainable(tensors)
+        self.optimizer.load_state_dict(torch.load(directory / "optimizer.pt", weights_only=True))
+        self.scheduler.load_state_dict(state["scheduler"])
+        self.step = state["step"]
+        self.finished = state.get("finished", False)
+        self.history = state["history"]
+        self.best = state["best"]
+        self.evals_without_improvement = state["evals_without_improvement"]
+        if self.best is not None and (directory.parent / "best" / "trainable.safetensors").exists():
+            best = load_file(directory.parent / "best" / "trainable.safetensors")
+            best.pop(RNG_KEY)
+            self.best_state = best
+        torch.set_rng_state(rng)
+
+
+def _to_device(value: Any, device: torch.device) -> Any:
+    if isinstance(value, torch.Tensor):
+        return value.to(device)
+    if isinstance(value, dict):
+        return {k: _to_device(v, device) for k, v in value.items()}
+    return value
+
+
+def _jsonable(value: Any) -> Any:
+    if isinstance(value, (list, tuple)):
+        return [_jsonable(v) for v in value]
+    if isinstance(value, dict):
+        return {k: _jsonable(v) for k, v in value.items()}
+    return value

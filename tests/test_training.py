@@ -1,0 +1,162 @@
+import json
+
+import pytest
+import torch
+
+from hcx_extend import OmniProcessor, align_tokens, build_preset
+from hcx_extend.training.report import trainable_table
+from hcx_extend.training.strategies import apply_strategy, get_strategy
+from hcx_extend.training.trainer import Example, TrainConfig, Trainer
+
+
+def tiny(tokenizer, dropout=0.1):
+    """The tiny preset with dropout in the sensor encoder, so resuming must restore the RNG too."""
+    from hcx_extend import OmniForCausalLM, preset_config
+
+    config = preset_config("tiny-hcx-omni")
+    config.modality("sensor").encoder["dropout"] = dropout
+    # Larger initial weights than the preset's 0.02, so the frozen random LLM can express a preference
+    # for one answer at all (with 0.02 its logits stay within about 1 of uniform whatever the input).
+    config.text_config.initializer_range = 0.5
+    # A small vocabulary keeps these tests fast; the tokenizer assigns the placeholder ids.
+    config.text_config.vocab_size = 512
+    for modality in config.modalities.values():
+        modality.token_id = None
+    torch.manual_seed(0)
+    model = OmniForCausalLM(config)
+    align_tokens(model, tokenizer)
+    return model
+
+
+def examples(count=12, seed=0):
+    generator = torch.Generator().manual_seed(seed)
+    out = []
+    for i in range(count):
+        label = "up" if i % 2 else "down"
+        sign = 1.0 if label == "up" else -1.0
+        values = sign * torch.linspace(0, 1, 16)[:, None].repeat(1, 6) + 0.1 * torch.randn(16, 6, generator=generator)
+        out.append(Example([{"role": "user", "content": "<sensor> which way?"},
+                            {"role": "assistant", "content": label}], {"sensor": [values]}))
+    return out
+
+
+def trainable_names(model):
+    return {n for n, p in model.named_parameters() if p.requires_grad}
+
+
+def test_strategies_leave_exactly_the_intended_parameters_trainable(tokenizer):
+    model = tiny(tokenizer)
+    components = apply_strategy(model, get_strategy("projector"), ["sensor"])
+    assert components == ["sensor_projector"]
+    assert trainable_names(model) == {n for n, _ in model.named_parameters() if n.startswith("model.sensor_projector.")}
+
+    components = apply_strategy(model, get_strategy("new-encoder"), ["sensor"])
+    assert components == ["sensor_model", "sensor_projector"]
+    expected = {n for n, _ in model.named_parameters() if n.startswith(("model.sensor_model.", "model.sensor_projector."))}
+    assert trainable_names(model) == expected
+
+    # Default targets: every modality. Shared modules (image and video share the vision tower) appear once.
+    components = apply_strategy(model, get_strategy("projector"))
+    assert components == ["mm_projector", "audio_projector", "sensor_projector"]
+    table = {row["component"]: row for row in trainable_table(model)}
+    assert table["language_model"]["trained"] == 0 and table["vision_model"]["trained"] == 0
+    assert table["sensor_projector"]["trained"] == table["sensor_projector"]["parameters"] > 0
+
+    with pytest.raises(ValueError, match="unknown strategy 'lora-everything'"):
+        get_strategy("lora-everything")
+
+
+def test_training_lowers_the_loss_and_touches_only_trainable_parameters(tokenizer):
+    model = tiny(tokenizer, dropout=0.0)
+    processor = OmniProcessor(tokenizer, model.config)
+    frozen_before = {n: p.detach().clone() for n, p in model.named_parameters()
+                     if not n.startswith(("model.sensor_model.", "model.sensor_projector."))}
+    data = examples()
+    batch = processor([e.messages for e in data], {"sensor": [e.inputs["sensor"][0] for e in data]},
+                      return_labels=True, padding_side="right")
+    with torch.no_grad():
+        before = float(model(**batch).loss)
+    config = TrainConfig(strategy="new-encoder", modalities=["sensor"], epochs=6, batch_size=4, learning_rate=1e-2,
+                         progress=False)
+    result = Trainer(model, processor, data, config, log=lambda line: None).train()
+    with torch.no_grad():
+        after = float(model(**batch).loss)
+    assert result.steps == 18
+    assert after < before - 3.0  # the answers became at least e^3 = 20 times more likely
+    for name, parameter in model.named_parameters():
+        if name in frozen_before:
+            assert torch.equal(parameter, frozen_before[name]), name
+
+
+class Crash(Exception):
+    pass
+
+
+class CrashingTrainer(Trainer):
+    """Dies in the middle of step ``crash_at`` (after the forward, before the update)."""
+
+    crash_at = 0
+
+    def _train_step(self, indices):
+        if self.step + 1 == self.crash_at:
+            raise Crash
+        return super()._train_step(indices)
+
+
+def run(tokenizer, output_dir, trainer_class=Trainer, **overrides):
+    model = tiny(tokenizer)
+    processor = OmniProcessor(tokenizer, model.config)
+    data, held_out = examples(12, seed=0), examples(4, seed=1)
+    eval_batch = processor([e.messages for e in held_out], {"sensor": [e.inputs["sensor"][0] for e in held_out]},
+                           return_labels=True, padding_side="right")
+
+    def evaluate(m):
+        # Uses the global RNG on purpose: the trainer must not let evaluation disturb training.
+        torch.rand(3)
+        return {"loss": float(m(**eval_batch).loss), "score": -float(m(**eval_batch).loss)}
+
+    config = TrainConfig(strategy="new-encoder", modalities=["sensor"], epochs=3, batch_size=4, learning_rate=1e-3,
+                         warmup_steps=2, output_dir=str(output_dir), save_every_steps=1, progress=False, **overrides)
+    trainer = trainer_class(model, processor, data, config, evaluate=evaluate, log=lambda line: None)
+    return model, trainer
+
+
+def test_a_run_interrupted_mid_epoch_resumes_to_the_same_parameters(tokenizer, tmp_path):
+    straight, trainer = run(tokenizer, tmp_path / "straight")
+    straight_result = trainer.train()
+
+    CrashingTrainer.crash_at = 5  # epoch 2, second batch
+    _, crashing = run(tokenizer, tmp_path / "resumed", trainer_class=CrashingTrainer)
+    with pytest.raises(Crash):
+        crashing.train()
+    state = json.loads((tmp_path / "resumed" / "last" / "state.json").read_text())
+    assert state["step"] == 4 and not state["finished"]
+
+    resumed, trainer = run(tokenizer, tmp_path / "resumed")
+    resumed_result = trainer.train()
+    assert resumed_result.steps == straight_result.steps == 9
+    assert [h["loss"] for h in resumed_result.history if "loss" in h] == [h["loss"] for h in straight_result.history if "loss" in h]
+    assert resumed_result.best["step"] == straight_result.best["step"]
+    for (name, a), (_, b) in zip(straight.named_parameters(), resumed.named_parameters()):
+        assert torch.equal(a, b), name
+
+
+def test_resuming_with_other_settings_is_refused(tokenizer, tmp_path):
+    _, trainer = run(tokenizer, tmp_path, max_steps=2)
+    trainer.train()
+    model, trainer = run(tokenizer, tmp_path, seed=1)
+    with pytest.raises(ValueError, match="other settings \\(seed: 0 vs 1\\)"):
+        trainer.train()
+
+
+def test_checkpoint_holds_only_trained_parameters_and_the_full_config(tokenizer, tmp_path):
+    from safetensors import safe_open
+
+    _, trainer = run(tokenizer, tmp_path, max_steps=3)
+    trainer.train()
+    with safe_open(tmp_path / "last" / "trainable.safetensors", framework="pt") as reader:
+        keys = set(reader.keys()) - {"__rng_state__"}
+    assert keys and all(k.startswith(("model.sensor_model.", "model.sensor_projector.")) for k in keys)
+    config = json.loads((tmp_path / "last" / "config.json").read_text())
+    assert config["model_type"] == "hcx_omni" and "sensor" in config["modalities"]
+    assert (tmp_path / "best" / "trainable.safetensors").exists()
