@@ -40,11 +40,11 @@ from hcx_extend.data.sensors import fit_normalization
 from hcx_extend.model import OmniForCausalLM
 from hcx_extend.processor import OmniProcessor
 
-# Defaults chosen on the validation split (see README "The IMU demo").
+# Defaults chosen on validation splits of the training data (see README, "The IMU demo").
 DEFAULT_ENCODER = {
     "in_channels": 6,
     "hidden_size": 256,
-    "num_layers": 4,
+    "num_layers": 2,
     "num_heads": 8,
     "ffn_size": 1024,
     "dropout": 0.1,
@@ -52,6 +52,7 @@ DEFAULT_ENCODER = {
     "stride": 4,
     "positions": "none",
 }
+DEFAULT_TRAINING = {"epochs": 16, "batch_size": 8, "learning_rate": 5e-4, "warmup_steps": 4, "min_lr_ratio": 0.1}
 
 
 def add_demo_arguments(parser: argparse.ArgumentParser) -> None:
@@ -59,9 +60,9 @@ def add_demo_arguments(parser: argparse.ArgumentParser) -> None:
                         "(default: the embedded SmolLM2-135M-Instruct)")
     parser.add_argument("--output", default="runs/imu-demo", help="run folder (default: runs/imu-demo)")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--epochs", type=int, default=12)
-    parser.add_argument("--batch-size", type=int, default=8)
-    parser.add_argument("--lr", type=float, default=3e-4)
+    parser.add_argument("--epochs", type=int, default=DEFAULT_TRAINING["epochs"])
+    parser.add_argument("--batch-size", type=int, default=DEFAULT_TRAINING["batch_size"])
+    parser.add_argument("--lr", type=float, default=DEFAULT_TRAINING["learning_rate"])
     parser.add_argument("--stride", type=int, default=DEFAULT_ENCODER["stride"],
                         help="IMU steps averaged into one LLM token (default 4: 100 steps -> 25 tokens)")
     parser.add_argument("--patience", type=int, default=4, help="stop after this many epochs without a better validation score")
@@ -210,9 +211,9 @@ def run_demo(args: argparse.Namespace) -> int:
 
     log("4/5 training (new-encoder: the LLM is frozen)")
     examples = [Example(activity_chat(label), {"imu": [values]}) for values, label in zip(train.values, train.labels)]
-    config = TrainConfig(strategy="new-encoder", modalities=["imu"], epochs=args.epochs, batch_size=args.batch_size,
-                         learning_rate=args.lr, warmup_steps=4, patience=args.patience, seed=args.seed,
-                         output_dir=str(run / "training"), resume=args.resume)
+    settings = {**DEFAULT_TRAINING, "epochs": args.epochs, "batch_size": args.batch_size, "learning_rate": args.lr}
+    config = TrainConfig(strategy="new-encoder", modalities=["imu"], patience=args.patience,
+                         seed=args.seed, output_dir=str(run / "training"), resume=args.resume, **settings)
     result = Trainer(model, processor, examples, config, evaluate=evaluate, log=log).train()
 
     log("5/5 evaluating on the 40 test recordings (greedy generation)")

@@ -22,6 +22,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import sys
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -64,6 +65,7 @@ class TrainConfig:
         max_grad_norm: gradient clipping (None = off).
         eval_every_steps: evaluate every N steps (None = after every epoch).
         patience: stop after this many evaluations without a better score (None = never).
+        target_score: stop as soon as an evaluation's score reaches this (None = never).
         max_steps: stop after this many steps in all (None = run every epoch).
         save_every_steps: also write the resume checkpoint every N steps (None = at evaluations only).
         output_dir: where checkpoints and ``log.jsonl`` go (None = keep nothing on disk).
@@ -83,6 +85,7 @@ class TrainConfig:
     max_grad_norm: float | None = 1.0
     eval_every_steps: int | None = None
     patience: int | None = None
+    target_score: float | None = None
     max_steps: int | None = None
     save_every_steps: int | None = None
     output_dir: str | None = None
@@ -193,6 +196,7 @@ class Trainer:
         if self.finished:
             self.log("this run already finished; nothing left to train")
         bar = tqdm(total=self.total_steps, initial=self.step, desc="training", unit="step",
+                   mininterval=0.1 if sys.stderr.isatty() else 15.0,
                    disable=not (self.config.progress and self.accelerator.is_main_process))
         while not self.finished and self.step < self.total_steps and not stopped_early:
             epoch, position = divmod(self.step, self.steps_per_epoch)
@@ -276,8 +280,9 @@ class Trainer:
             self.evals_without_improvement += 1
         shown = ", ".join(f"{k} {v:.4g}" for k, v in metrics.items())
         self.log(f"step {self.step} (epoch {epoch + 1}): {shown}{' *best*' if improved else ''}")
-        patience = self.config.patience
-        return patience is not None and self.evals_without_improvement >= patience
+        patience, target = self.config.patience, self.config.target_score
+        reached = target is not None and score is not None and score >= target
+        return reached or (patience is not None and self.evals_without_improvement >= patience)
 
     def _record(self, record: dict[str, Any]) -> None:
         self.history.append(record)
