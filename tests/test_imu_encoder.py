@@ -4,12 +4,12 @@ import torch
 from hcx_extend.encoders.imu import IMUEncoder
 
 
-@pytest.mark.parametrize("stride", [1, 4])
+@pytest.mark.parametrize("stride,positions", [(1, "none"), (4, "none"), (3, "sinusoidal")])
 @torch.no_grad()
-def test_batched_output_equals_per_sample_output_under_padding(stride):
+def test_batched_output_equals_per_sample_output_under_padding(stride, positions):
     torch.manual_seed(0)
     encoder = IMUEncoder(in_channels=6, hidden_size=32, num_layers=2, num_heads=4, ffn_size=64, output_size=40,
-                         stride=stride).eval()
+                         stride=stride, positions=positions).eval()
     lengths = [37, 100, 5, 64]
     items = [torch.randn(n, 6) for n in lengths]
     padded = torch.nn.utils.rnn.pad_sequence(items, batch_first=True, padding_value=123.0)  # junk padding

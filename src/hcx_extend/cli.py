@@ -103,6 +103,18 @@ def cmd_chat(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_estimate(args: argparse.Namespace) -> int:
+    from hcx_extend.memory.commands import run_estimate
+
+    return run_estimate(args)
+
+
+def cmd_plan(args: argparse.Namespace) -> int:
+    from hcx_extend.memory.commands import run_plan
+
+    return run_plan(args)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="hcx-extend",
@@ -130,6 +142,26 @@ def build_parser() -> argparse.ArgumentParser:
     chat.add_argument("--rate", type=float, default=None, help="sample rate of the files in Hz (resampled to the model's)")
     chat.add_argument("--max-new-tokens", type=int, default=32)
     chat.set_defaults(run=cmd_chat)
+
+    est = commands.add_parser("estimate", help="memory a training strategy or inference needs, per component")
+    est.add_argument("target", help="a preset (e.g. hcx-omni-8b) or a checkpoint folder; no weights are loaded")
+    est.add_argument("--strategy", default="all",
+                     help="projector, new-encoder, lora-encoder, lora-all, qlora, full, inference, or all (default)")
+    est.add_argument("--batch", type=int, default=1, help="sequences per step (default 1)")
+    est.add_argument("--seq", type=int, default=2048, help="tokens per sequence (default 2048)")
+    est.add_argument("--dtype", default="bf16", help="weight and activation dtype: bf16, fp16, fp32 (default bf16)")
+    est.add_argument("--quant", default=None, help="hold the LLM's linear layers in nf4 or int8 (default: per strategy)")
+    est.add_argument("--gradient-checkpointing", action="store_true", help="keep one activation per layer")
+    est.set_defaults(run=cmd_estimate)
+
+    plan = commands.add_parser("plan", help="place components and LLM layers on GPU/CPU/disk by memory budget")
+    plan.add_argument("target", help="a preset (e.g. hcx-omni-8b) or a checkpoint folder; no weights are loaded")
+    plan.add_argument("--budget", action="append", default=[], metavar="DEVICE=SIZE",
+                      help="e.g. cuda:0=24GB, cpu=64GB, disk=500GB; repeat per device")
+    plan.add_argument("--policy", default="auto", help="auto or encoders-on-cpu (default auto)")
+    plan.add_argument("--dtype", default="bf16", help="weight dtype (default bf16)")
+    plan.add_argument("--quant", default=None, help="nf4 or int8 for the LLM's linear layers")
+    plan.set_defaults(run=cmd_plan)
 
     from hcx_extend.demo import add_demo_arguments
 

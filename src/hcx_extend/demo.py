@@ -56,6 +56,11 @@ DEFAULT_TRAINING = {"epochs": 16, "batch_size": 8, "learning_rate": 5e-4, "warmu
 
 
 def add_demo_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--task", choices=["activity", "sequence"], default="activity",
+                        help="activity: one recording, one label (default); sequence: long concatenated streams, "
+                        "list the activities in order")
+    parser.add_argument("--compressor", choices=["mambamia", "avgpool", "none"], default="mambamia",
+                        help="token compressor of the sequence task (default mambamia)")
     parser.add_argument("--llm", default=None, help="a local causal LM folder, .gguf file or HCX checkpoint "
                         "(default: the embedded SmolLM2-135M-Instruct)")
     parser.add_argument("--output", default="runs/imu-demo", help="run folder (default: runs/imu-demo)")
@@ -176,6 +181,10 @@ def write_plots(run: Path, history: list[dict], columns: list[str], matrix: np.n
 
 
 def run_demo(args: argparse.Namespace) -> int:
+    if args.task == "sequence":
+        from hcx_extend.demo_sequence import run_sequence_demo
+
+        return run_sequence_demo(args)
     from hcx_extend.checkpoint import save_trained
     from hcx_extend.training.trainer import Example, TrainConfig, Trainer
 

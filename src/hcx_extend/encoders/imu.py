@@ -7,7 +7,9 @@ width; 6 -> 256 -> 1280 by default), with what the guide's version lacks:
   alone or batched with longer items;
 * attention with separate ``q_proj``/``k_proj``/``v_proj``/``o_proj`` Linear layers, so LoRA recipes
   that target ``q_proj``/``v_proj`` apply (``nn.TransformerEncoder`` fuses them into ``in_proj_weight``);
-* sinusoidal positions (the guide has none, so its attention cannot tell order);
+* optional sinusoidal positions (``positions="sinusoidal"``); off by default like the guide's: the
+  convolution already encodes local order and the LLM's own positions order the tokens, and on
+  BasicMotions validation splits adding them slowed learning;
 * optional temporal pooling: ``stride`` consecutive steps are averaged into one token (padding
   excluded), so long recordings give ``ceil(steps / stride)`` tokens.
 
@@ -44,7 +46,7 @@ IMU_DEFAULTS: dict[str, Any] = {
     "output_size": 1280,
     "stride": 1,
     "kernel_size": 3,
-    "positions": "sinusoidal",
+    "positions": "none",
     "max_length": 8192,
 }
 
@@ -129,7 +131,7 @@ def masked_mean_pool(x: torch.Tensor, mask: torch.Tensor, stride: int) -> tuple[
 
 
 class IMUEncoder(nn.Module):
-    """Conv1d -> (masked mean pooling) -> sinusoidal positions -> Transformer layers -> LayerNorm -> Linear.
+    """Conv1d -> (masked mean pooling) -> (sinusoidal positions) -> Transformer layers -> LayerNorm -> Linear.
 
     Args:
         in_channels: sensor channels (6 for accelerometer + gyroscope).
@@ -138,7 +140,7 @@ class IMUEncoder(nn.Module):
         output_size: width of the returned embeddings (guide: 1280), the projector's input.
         stride: steps averaged into one token (1 = one token per step).
         kernel_size: temporal kernel of the input convolution (odd).
-        positions: "sinusoidal" (added after pooling) or "none" (order comes from the convolution only).
+        positions: "none" (order comes from the convolution and the LLM) or "sinusoidal" (added after pooling).
     """
 
     def __init__(
@@ -152,7 +154,7 @@ class IMUEncoder(nn.Module):
         output_size: int = 1280,
         stride: int = 1,
         kernel_size: int = 3,
-        positions: str = "sinusoidal",
+        positions: str = "none",
     ):
         super().__init__()
         if positions not in ("sinusoidal", "none"):

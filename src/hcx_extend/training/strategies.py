@@ -2,14 +2,17 @@
 
 The extension guide's ladder, cheapest first. A `Strategy` says what is trained for the *target*
 modalities (those being added or adapted); everything else stays frozen. The training loop never
-branches on the strategy: `apply_strategy` sets ``requires_grad`` and the loop trains whatever is
+branches on the strategy: `apply_strategy` freezes, adds adapters, and the loop trains whatever is
 trainable.
 
-========== ========================================================================
-projector  everything frozen but the target modalities' projectors (guide §3)
-new-encoder a freshly initialised encoder + its projector (+ compressor); LLM and other
-           encoders frozen
-========== ========================================================================
+============ ===================================================================================
+projector    only the target modalities' projectors learn (guide §3)
+new-encoder  a freshly initialised encoder + its projector (+ compressor); LLM and other encoders frozen
+lora-encoder LoRA adapters on the target encoders' attention; their projectors (+ compressors) learn
+lora-all     LoRA on the target encoders and on the LLM; projectors (+ compressors) learn
+qlora        lora-all with the LLM's linear layers held in 4-bit NF4 (double quantisation, bf16 compute)
+full         everything learns: LLM, target encoders, projectors, compressors
+============ ===================================================================================
 """
 
 from __future__ import annotations
@@ -23,16 +26,35 @@ from hcx_extend.model import OmniForCausalLM, compressor_module_name
 
 
 @dataclass(frozen=True)
+class LoraSpec:
+    """A LoRA adapter recipe (the guide's §2 defaults).
+
+    Args:
+        r / alpha / dropout: rank, scaling numerator (scale = alpha / r) and input dropout.
+        targets: "attention", "mlp", "all-linear", or explicit Linear names, resolved per architecture
+            by `hcx_extend.training.lora_targets`.
+    """
+
+    r: int = 16
+    alpha: int = 32
+    dropout: float = 0.1
+    targets: str | tuple[str, ...] = "attention"
+
+
+@dataclass(frozen=True)
 class Strategy:
     """What one rung of the ladder trains.
 
     Args:
         name: the CLI name.
         summary: one line for reports.
-        projectors: train the target modalities' projectors.
+        projectors: train the target modalities' projectors in full.
         encoders: train the target modalities' encoders in full.
-        compressors: train the target modalities' compressors.
+        compressors: train the target modalities' compressors in full.
         language_model: train the LLM in full.
+        encoder_lora: LoRA adapters on the target encoders (None = none).
+        llm_lora: LoRA adapters on the LLM (None = none).
+        quantize_llm: hold the LLM's linear layers in "nf4" or "int8" (None = full precision).
     """
 
     name: str
@@ -41,16 +63,32 @@ class Strategy:
     encoders: bool = False
     compressors: bool = False
     language_model: bool = False
+    encoder_lora: LoraSpec | None = None
+    llm_lora: LoraSpec | None = None
+    quantize_llm: str | None = None
 
 
 STRATEGIES: dict[str, Strategy] = {
-    "projector": Strategy("projector", "only the projectors learn; encoders and LLM frozen", projectors=True),
+    "projector": Strategy("projector", "only the projectors learn; encoders and LLM frozen"),
     "new-encoder": Strategy(
-        "new-encoder",
-        "a new encoder and its projector (and compressor) learn; LLM and other encoders frozen",
-        projectors=True,
-        encoders=True,
-        compressors=True,
+        "new-encoder", "a new encoder and its projector (and compressor) learn; LLM and other encoders frozen",
+        encoders=True, compressors=True,
+    ),
+    "lora-encoder": Strategy(
+        "lora-encoder", "LoRA on the encoders' attention; projectors (and compressors) learn; LLM frozen",
+        compressors=True, encoder_lora=LoraSpec(),
+    ),
+    "lora-all": Strategy(
+        "lora-all", "LoRA on encoders and LLM; projectors (and compressors) learn",
+        compressors=True, encoder_lora=LoraSpec(), llm_lora=LoraSpec(),
+    ),
+    "qlora": Strategy(
+        "qlora", "lora-all with the LLM held in 4-bit NF4 (double quantisation, bf16 compute)",
+        compressors=True, encoder_lora=LoraSpec(), llm_lora=LoraSpec(), quantize_llm="nf4",
+    ),
+    "full": Strategy(
+        "full", "everything learns: LLM, encoders, projectors, compressors",
+        encoders=True, compressors=True, language_model=True,
     ),
 }
 
@@ -81,6 +119,8 @@ def trainable_components(model: OmniForCausalLM, strategy: Strategy, modalities:
 
 def apply_strategy(model: OmniForCausalLM, strategy: Strategy, modalities: Iterable[str] | None = None) -> list[str]:
     """Freeze everything, then unfreeze what ``strategy`` trains. Returns the trained component names."""
+    if strategy.encoder_lora or strategy.llm_lora or strategy.quantize_llm:
+        raise NotImplementedError(f"strategy {strategy.name} needs adapters; use hcx_extend.training.adapters")
     components = trainable_components(model, strategy, modalities)
     for parameter in model.parameters():
         parameter.requires_grad_(False)
