@@ -270,6 +270,7 @@ def build_model_from_tensors(
         _materialise_component(model, component, loaded)
         report.initialised.append(component)
     model.carried_tensors = carried
+    model.fresh_components = set(report.initialised)
     target = _dtype(dtype)
     if target is not None:
         model.to(target)
@@ -492,11 +493,14 @@ def save_trained(
     base: str | os.PathLike,
     components: Iterable[str],
     tokenizer: Any = None,
+    strategy: str | None = None,
 ) -> None:
-    """Save only the trained components plus the full config; ``base`` is the model they extend.
+    """Save only the components trained in full plus the full config; ``base`` is the model they extend.
 
     A few MB instead of the whole LLM: `load_trained` rebuilds the model from ``base`` (any source
-    `read_source` reads) and puts the trained components back.
+    `read_source` reads) and puts the trained components back. LoRA adapters are saved next to them
+    by `hcx_extend.training.adapters.save_adapters`; ``strategy`` tells `load_trained` whether the
+    LLM must be quantised first (qlora).
     """
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
@@ -505,7 +509,8 @@ def save_trained(
     tensors = {k: v.detach().to("cpu").contiguous() for k, v in model.state_dict().items() if k.startswith(prefixes)}
     save_file(tensors, directory / TRAINED_FILE, metadata={"format": "pt"})
     (directory / "config.json").write_text(json.dumps(model.config.to_dict(), indent=2, sort_keys=True, default=str))
-    (directory / RUN_FILE).write_text(json.dumps({"base": str(Path(base).resolve()), "components": components}, indent=2))
+    run = {"base": str(Path(base).resolve()), "components": components, "strategy": strategy}
+    (directory / RUN_FILE).write_text(json.dumps(run, indent=2))
     if tokenizer is not None:
         tokenizer.save_pretrained(str(directory))
 
@@ -532,6 +537,17 @@ def load_trained(directory: str | os.PathLike, *, dtype: torch.dtype | str | Non
     model.load_state_dict(trained, strict=False)
     for name, modality in config.modalities.items():
         model.config.modality(name).normalization = modality.normalization
+    if (directory / "adapters").is_dir():
+        from hcx_extend.training.adapters import load_adapters
+        from hcx_extend.training.strategies import STRATEGIES
+
+        strategy = STRATEGIES.get(run.get("strategy") or "")
+        if strategy is not None and strategy.quantize_llm:
+            from hcx_extend.memory.quantize import quantize_language_model
+
+            quantize_language_model(model, method=strategy.quantize_llm)
+        load_adapters(model, directory)
+    model.eval()
     return model, tokenizer
 
 

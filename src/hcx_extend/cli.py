@@ -103,6 +103,26 @@ def cmd_chat(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_train(args: argparse.Namespace) -> int:
+    from hcx_extend.training.recipe import run_training
+
+    return run_training(args)
+
+
+def cmd_merge(args: argparse.Namespace) -> int:
+    from hcx_extend.checkpoint import load_trained
+    from hcx_extend.training.adapters import adapted_components, merge_adapters
+
+    model, tokenizer = load_trained(args.checkpoint)
+    components = adapted_components(model)
+    merged = merge_adapters(model)
+    model.save_pretrained(args.output)
+    if tokenizer is not None:
+        tokenizer.save_pretrained(args.output)
+    print(f"merged {merged} LoRA layers of {components or 'no component'}; plain HCX checkpoint in {args.output}")
+    return 0
+
+
 def cmd_estimate(args: argparse.Namespace) -> int:
     from hcx_extend.memory.commands import run_estimate
 
@@ -142,6 +162,17 @@ def build_parser() -> argparse.ArgumentParser:
     chat.add_argument("--rate", type=float, default=None, help="sample rate of the files in Hz (resampled to the model's)")
     chat.add_argument("--max-new-tokens", type=int, default=32)
     chat.set_defaults(run=cmd_chat)
+
+    from hcx_extend.training.recipe import add_train_arguments
+
+    train = commands.add_parser("train", help="train with a strategy of the ladder (projector ... full, qlora)")
+    add_train_arguments(train)
+    train.set_defaults(run=cmd_train)
+
+    merge = commands.add_parser("merge", help="fold a run's LoRA adapters into a plain HCX checkpoint")
+    merge.add_argument("checkpoint", help="a checkpoint folder written by train or demo")
+    merge.add_argument("--output", required=True, help="folder for the merged full checkpoint")
+    merge.set_defaults(run=cmd_merge)
 
     est = commands.add_parser("estimate", help="memory a training strategy or inference needs, per component")
     est.add_argument("target", help="a preset (e.g. hcx-omni-8b) or a checkpoint folder; no weights are loaded")

@@ -61,6 +61,8 @@ def add_demo_arguments(parser: argparse.ArgumentParser) -> None:
                         "list the activities in order")
     parser.add_argument("--compressor", choices=["mambamia", "avgpool", "none"], default="mambamia",
                         help="token compressor of the sequence task (default mambamia)")
+    parser.add_argument("--strategy", default="new-encoder",
+                        help="training strategy: projector, new-encoder (default), lora-encoder, lora-all, qlora, full")
     parser.add_argument("--llm", default=None, help="a local causal LM folder, .gguf file or HCX checkpoint "
                         "(default: the embedded SmolLM2-135M-Instruct)")
     parser.add_argument("--output", default="runs/imu-demo", help="run folder (default: runs/imu-demo)")
@@ -186,6 +188,7 @@ def run_demo(args: argparse.Namespace) -> int:
 
         return run_sequence_demo(args)
     from hcx_extend.checkpoint import save_trained
+    from hcx_extend.training.adapters import adapted_components, save_adapters
     from hcx_extend.training.trainer import Example, TrainConfig, Trainer
 
     started = time.perf_counter()
@@ -218,12 +221,13 @@ def run_demo(args: argparse.Namespace) -> int:
         loss = mean_loss(m, processor, validation)
         return {"accuracy": accuracy, "loss": loss, "score": accuracy - 1e-3 * loss}
 
-    log("4/5 training (new-encoder: the LLM is frozen)")
+    log(f"4/5 training ({args.strategy})")
     examples = [Example(activity_chat(label), {"imu": [values]}) for values, label in zip(train.values, train.labels)]
     settings = {**DEFAULT_TRAINING, "epochs": args.epochs, "batch_size": args.batch_size, "learning_rate": args.lr}
-    config = TrainConfig(strategy="new-encoder", modalities=["imu"], patience=args.patience,
+    config = TrainConfig(strategy=args.strategy, modalities=["imu"], patience=args.patience,
                          seed=args.seed, output_dir=str(run / "training"), resume=args.resume, **settings)
-    result = Trainer(model, processor, examples, config, evaluate=evaluate, log=log).train()
+    trainer = Trainer(model, processor, examples, config, evaluate=evaluate, log=log)
+    result = trainer.train()
 
     log("5/5 evaluating on the 40 test recordings (greedy generation)")
     answers = predict(model, processor, test)
@@ -231,7 +235,9 @@ def run_demo(args: argparse.Namespace) -> int:
     correct = sum(p == t for p, t in zip(predictions, test.labels))
     columns, matrix = confusion(test.labels, predictions)
     checkpoint = run / "checkpoint"
-    save_trained(model, checkpoint, base=base, components=result_components(model), tokenizer=tokenizer)
+    full = [c for c in trainer.components if c not in adapted_components(model)]
+    save_trained(model, checkpoint, base=base, components=full, tokenizer=tokenizer, strategy=args.strategy)
+    save_adapters(model, checkpoint)
     write_plots(run, result.history, columns, matrix)
     wall = time.perf_counter() - started
     metrics = {
@@ -247,6 +253,7 @@ def run_demo(args: argparse.Namespace) -> int:
         "wall_seconds": wall,
         "peak_rss_gb": peak_rss_gb(),
         "seed": args.seed,
+        "strategy": args.strategy,
         "llm": str(base),
         "encoder": model.config.modality("imu").encoder,
         "examples": [{"label": t, "answer": a} for t, a in list(zip(test.labels, answers))[:8]],
@@ -261,7 +268,3 @@ def run_demo(args: argparse.Namespace) -> int:
     log(f"run folder: {run} (metrics.json, loss_curve.png, confusion_matrix.png, checkpoint/)")
     log(f"try: hcx-extend chat {checkpoint} --imu <recording.csv> \"What activity is the person doing?\"")
     return 0
-
-
-def result_components(model: OmniForCausalLM) -> list[str]:
-    return [name for name, module in model.model.named_children() if any(p.requires_grad for p in module.parameters())]

@@ -75,6 +75,10 @@ class OmniForCausalLM(PreTrainedModel, GenerationMixin):
     ``carried_tensors`` holds checkpoint tensors under prefixes this model does not build (for example
     ``model.discrete_vision_model.*`` of the Omni checkpoint); `save_pretrained` writes them back
     unchanged so a load-extend-save cycle never drops a tensor.
+
+    ``fresh_components`` names the components whose weights were initialised here rather than loaded
+    (all of them for a model built from a config; the new modality's modules after `extend`).
+    Training strategies use it: LoRA adapts pretrained weights, so a fresh encoder is trained in full.
     """
 
     config_class = OmniConfig
@@ -89,6 +93,7 @@ class OmniForCausalLM(PreTrainedModel, GenerationMixin):
         super().__init__(config)
         self.model = OmniModel(config)
         self.carried_tensors: dict[str, torch.Tensor] = {}
+        self.fresh_components: set[str] = set(self.model.component_names())
         self.check_placeholder_ids()
         self.post_init()
 
@@ -123,8 +128,10 @@ class OmniForCausalLM(PreTrainedModel, GenerationMixin):
     def add_modality(self, modality: ModalityConfig | dict[str, Any]) -> ModalityConfig:
         """Add a modality to the config and build its freshly initialised modules."""
         modality = self.config.add_modality(modality)
+        before = set(self.model.component_names())
         try:
             self.model.build_modality(modality, self.config)
+            self.fresh_components |= set(self.model.component_names()) - before
             self.check_placeholder_ids()
         except Exception:
             del self.config.modalities[modality.name]

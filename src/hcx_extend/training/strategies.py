@@ -118,16 +118,41 @@ def trainable_components(model: OmniForCausalLM, strategy: Strategy, modalities:
 
 
 def apply_strategy(model: OmniForCausalLM, strategy: Strategy, modalities: Iterable[str] | None = None) -> list[str]:
-    """Freeze everything, then unfreeze what ``strategy`` trains. Returns the trained component names."""
-    if strategy.encoder_lora or strategy.llm_lora or strategy.quantize_llm:
-        raise NotImplementedError(f"strategy {strategy.name} needs adapters; use hcx_extend.training.adapters")
-    components = trainable_components(model, strategy, modalities)
+    """Prepare ``model`` for ``strategy``: freeze everything, quantise the LLM and add LoRA adapters if the
+    strategy says so, then unfreeze the components it trains in full.
+
+    A target encoder listed in ``model.fresh_components`` (initialised here, e.g. the new modality's
+    encoder after `extend`) gets no adapter under the LoRA strategies: there are no pretrained weights
+    to adapt, so it is trained in full. Call once per model. Returns the components that learn.
+    """
+    from hcx_extend.training.adapters import add_lora, adapted_components
+
+    if adapted_components(model):
+        raise ValueError(f"the model already has adapters on {adapted_components(model)}; build a fresh model per strategy")
+    names = list(modalities) if modalities is not None else list(model.config.modalities)
     for parameter in model.parameters():
         parameter.requires_grad_(False)
+    if strategy.quantize_llm:
+        from hcx_extend.memory.quantize import quantize_language_model
+
+        quantize_language_model(model, method=strategy.quantize_llm)
+    adapted: list[str] = []
+    fresh_encoders: list[str] = []
+    if strategy.encoder_lora:
+        for encoder in dict.fromkeys(model.config.modality(n).encoder_module for n in names):
+            if encoder in model.fresh_components:
+                fresh_encoders.append(encoder)  # nothing pretrained to adapt: train it in full
+            else:
+                add_lora(model, encoder, strategy.encoder_lora)
+                adapted.append(encoder)
+    if strategy.llm_lora:
+        add_lora(model, "language_model", strategy.llm_lora)
+        adapted.append("language_model")
+    components = fresh_encoders + trainable_components(model, strategy, names)
     for component in components:
         for parameter in getattr(model.model, component).parameters():
             parameter.requires_grad_(True)
-    return components
+    return list(dict.fromkeys(adapted + components))
 
 
 def set_train_mode(model: OmniForCausalLM) -> None:

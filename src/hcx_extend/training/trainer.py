@@ -19,6 +19,7 @@ gradients are averaged, so the result does not depend on the process count.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -29,11 +30,11 @@ from pathlib import Path
 from typing import Any, Callable, Sequence
 
 import torch
-from accelerate import Accelerator
+from accelerate import Accelerator, DistributedDataParallelKwargs
 from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
-from hcx_extend.model import OmniForCausalLM
+from hcx_extend.model import IGNORE_INDEX, OmniForCausalLM
 from hcx_extend.processor import OmniProcessor
 from hcx_extend.training.report import trainable_report
 from hcx_extend.training.strategies import apply_strategy, get_strategy, set_train_mode
@@ -41,7 +42,7 @@ from hcx_extend.training.strategies import apply_strategy, get_strategy, set_tra
 RNG_KEY = "__rng_state__"
 # Settings a resumed run must share with the run it continues.
 RESUME_KEYS = ("strategy", "modalities", "epochs", "batch_size", "learning_rate", "weight_decay", "warmup_steps",
-               "min_lr_ratio", "max_grad_norm", "seed")
+               "min_lr_ratio", "lr_schedule", "projector_lr", "adapter_lr", "max_grad_norm", "seed")
 
 
 @dataclass
@@ -62,6 +63,13 @@ class TrainConfig:
         epochs / batch_size: passes over the data and samples per optimiser step (global).
         learning_rate / weight_decay / warmup_steps / min_lr_ratio: AdamW with linear warm-up then
             cosine decay to ``min_lr_ratio * learning_rate``.
+        lr_schedule: "cosine" (default), "linear" (both decay to ``min_lr_ratio``) or "constant", after warm-up.
+        projector_lr / adapter_lr: learning rates for projector parameters and for LoRA adapter parameters
+            (None = ``learning_rate``).
+        gradient_accumulation_steps: split each batch into this many micro-batches (same result, less memory).
+        mixed_precision: "no", "bf16" or "fp16" autocast (accelerate).
+        gradient_checkpointing: recompute the LLM's layer activations in the backward pass (less memory,
+            about a third more compute).
         max_grad_norm: gradient clipping (None = off).
         eval_every_steps: evaluate every N steps (None = after every epoch).
         patience: stop after this many evaluations without a better score (None = never).
@@ -82,6 +90,12 @@ class TrainConfig:
     weight_decay: float = 0.01
     warmup_steps: int = 0
     min_lr_ratio: float = 0.1
+    lr_schedule: str = "cosine"
+    projector_lr: float | None = None
+    adapter_lr: float | None = None
+    gradient_accumulation_steps: int = 1
+    mixed_precision: str = "no"
+    gradient_checkpointing: bool = False
     max_grad_norm: float | None = 1.0
     eval_every_steps: int | None = None
     patience: int | None = None
@@ -94,11 +108,20 @@ class TrainConfig:
     progress: bool = True
 
     def __post_init__(self):
-        for name in ("epochs", "batch_size"):
+        for name in ("epochs", "batch_size", "gradient_accumulation_steps"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
-        if self.learning_rate <= 0:
-            raise ValueError(f"learning_rate must be positive, got {self.learning_rate}")
+        for name in ("learning_rate", "projector_lr", "adapter_lr"):
+            value = getattr(self, name)
+            if value is not None and value <= 0:
+                raise ValueError(f"{name} must be positive, got {value}")
+        if self.lr_schedule not in ("cosine", "linear", "constant"):
+            raise ValueError(f"lr_schedule must be cosine, linear or constant, got {self.lr_schedule!r}")
+        if self.mixed_precision not in ("no", "bf16", "fp16"):
+            raise ValueError(f"mixed_precision must be no, bf16 or fp16, got {self.mixed_precision!r}")
+        if self.batch_size % self.gradient_accumulation_steps:
+            raise ValueError(f"batch_size {self.batch_size} must be divisible by gradient_accumulation_steps "
+                             f"{self.gradient_accumulation_steps}")
 
 
 @dataclass
@@ -142,7 +165,13 @@ class Trainer:
         self.processor = processor
         self.examples = list(examples)
         self.evaluate = evaluate
-        self.accelerator = accelerator or Accelerator()
+        self.accelerator = accelerator or Accelerator(
+            # On a machine without CUDA, several launched processes form a gloo (MULTI_CPU) group.
+            cpu=not torch.cuda.is_available(),
+            mixed_precision=config.mixed_precision,
+            # Frozen-but-present modalities may not take part in every batch.
+            kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=True)],
+        )
         self.log = log or (lambda line: self.accelerator.print(line))
         self.strategy = get_strategy(config.strategy)
         self.components = apply_strategy(model, self.strategy, config.modalities)
@@ -153,11 +182,17 @@ class Trainer:
         world = self.accelerator.num_processes
         if config.batch_size % world:
             raise ValueError(f"batch_size {config.batch_size} must be divisible by the {world} processes")
-        self.steps_per_epoch = math.ceil(len(self.examples) / config.batch_size)
+        # A last batch smaller than the process count would leave a process idle: it is dropped.
+        full, rest = divmod(len(self.examples), config.batch_size)
+        self.steps_per_epoch = full + (1 if rest >= world else 0)
+        if self.steps_per_epoch == 0:
+            raise ValueError(f"{len(self.examples)} examples are too few for {world} processes")
         self.total_steps = self.steps_per_epoch * config.epochs
         if config.max_steps is not None:
             self.total_steps = min(self.total_steps, config.max_steps)
-        optimizer = torch.optim.AdamW(self.parameters.values(), lr=config.learning_rate,
+        if config.gradient_checkpointing:
+            model.language_model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        optimizer = torch.optim.AdamW(self._parameter_groups(model), lr=config.learning_rate,
                                       weight_decay=config.weight_decay)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, self._lr_factor)
         self.model, self.optimizer = self.accelerator.prepare(model, optimizer)
@@ -170,14 +205,28 @@ class Trainer:
         self.finished = False
 
     # ------------------------------------------------------------------ schedule
+    def _parameter_groups(self, model: OmniForCausalLM) -> list[dict[str, Any]]:
+        """AdamW groups: LoRA adapters, projectors and the rest, each with its learning rate."""
+        projectors = {m.projector_module for m in model.config.modalities.values()}
+        groups: dict[str, list[torch.nn.Parameter]] = {"adapter": [], "projector": [], "other": []}
+        for name, parameter in self.parameters.items():
+            role = "adapter" if "lora_" in name else "projector" if name.split(".")[1] in projectors else "other"
+            groups[role].append(parameter)
+        rates = {"adapter": self.config.adapter_lr, "projector": self.config.projector_lr, "other": None}
+        return [{"params": params, "lr": rates[role] or self.config.learning_rate, "name": role}
+                for role, params in groups.items() if params]
+
     def _lr_factor(self, step: int) -> float:
         warmup = self.config.warmup_steps
         if warmup and step < warmup:
             return (step + 1) / warmup
+        if self.config.lr_schedule == "constant":
+            return 1.0
         span = max(1, self.steps_per_epoch * self.config.epochs - warmup)
         progress = min(1.0, (step - warmup) / span)
         floor = self.config.min_lr_ratio
-        return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * progress))
+        shape = 0.5 * (1 + math.cos(math.pi * progress)) if self.config.lr_schedule == "cosine" else 1 - progress
+        return floor + (1 - floor) * shape
 
     def _epoch_order(self, epoch: int) -> list[int]:
         generator = torch.Generator().manual_seed(self.config.seed * 100_003 + epoch)
@@ -207,7 +256,7 @@ class Trainer:
             seconds = time.perf_counter() - step_started
             train_seconds += seconds
             self.step += 1
-            record = {"step": self.step, "epoch": epoch, "loss": loss, "lr": self.scheduler.get_last_lr()[0],
+            record = {"step": self.step, "epoch": epoch, "loss": loss, "lr": self.scheduler.get_last_lr()[-1],
                       "seconds": seconds, "train_seconds": train_seconds}
             self._record(record)
             bar.update(1)
@@ -231,23 +280,32 @@ class Trainer:
         return TrainResult(self.history, self.best, self.step, train_seconds, stopped_early)
 
     def _train_step(self, indices: list[int]) -> float:
-        model = self.model
-        set_train_mode(self.accelerator.unwrap_model(model))
+        """One optimiser step on the global batch ``indices``; returns its mean loss per answer token."""
+        set_train_mode(self.accelerator.unwrap_model(self.model))
         world, rank = self.accelerator.num_processes, self.accelerator.process_index
-        local = indices[rank::world]
-        batch = self._collate([self.examples[i] for i in local])
-        batch = {k: _to_device(v, self.accelerator.device) for k, v in batch.items()}
-        output = model(**batch, logits_to_keep="labels")
-        # Weight each process's mean loss by its share of the global batch, so averaging gradients
-        # across processes equals one process on the whole batch.
-        loss = output.loss * (len(local) * world / len(indices))
-        self.accelerator.backward(loss)
+        micro = self.config.gradient_accumulation_steps
+        size = math.ceil(len(indices) / micro)
+        chunks = [indices[i:i + size] for i in range(0, len(indices), size)]
+        batches = [self._collate([self.examples[i] for i in chunk[rank::world]]) for chunk in chunks]
+        # The loss is a mean over answer tokens. Weight each micro-batch by its share of the global batch's
+        # tokens (times the process count, since DDP averages gradients over processes), so any split over
+        # processes and micro-batches gives the gradient of one pass over the whole batch.
+        tokens = [int((b["labels"][:, 1:] != IGNORE_INDEX).sum()) for b in batches]
+        total = self.accelerator.reduce(torch.tensor(float(sum(tokens)), device=self.accelerator.device), reduction="sum")
+        loss_sum = torch.zeros((), device=self.accelerator.device)
+        for number, (batch, count) in enumerate(zip(batches, tokens)):
+            batch = {k: _to_device(v, self.accelerator.device) for k, v in batch.items()}
+            last = number == len(batches) - 1
+            with contextlib.nullcontext() if last else self.accelerator.no_sync(self.model):
+                output = self.model(**batch, logits_to_keep="labels")
+                self.accelerator.backward(output.loss * (count * world / total))
+            loss_sum += output.loss.detach() * count
         if self.config.max_grad_norm is not None:
             self.accelerator.clip_grad_norm_(list(self.parameters.values()), self.config.max_grad_norm)
         self.optimizer.step()
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
-        return float(self.accelerator.reduce(output.loss.detach(), reduction="mean"))
+        return float(self.accelerator.reduce(loss_sum, reduction="sum") / total)
 
     def _collate(self, examples: list[Example]) -> dict[str, Any]:
         inputs: dict[str, list[Any]] = {}

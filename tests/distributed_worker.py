@@ -1,0 +1,47 @@
+"""Train the tiny preset for a few steps; run alone or under `accelerate launch --num_processes N --cpu`.
+
+Writes the trained parameters (rank 0) to OUT/params.safetensors. Used by test_distributed.py.
+"""
+
+import sys
+from pathlib import Path
+
+import torch
+from safetensors.torch import save_file
+
+sys.path.insert(0, str(Path(__file__).parent))
+
+from tiny_tokenizer import make_tokenizer  # noqa: E402
+
+from hcx_extend import OmniForCausalLM, OmniProcessor, align_tokens, preset_config  # noqa: E402
+from hcx_extend.training.trainer import Example, TrainConfig, Trainer  # noqa: E402
+
+
+def main(out: Path) -> None:
+    config = preset_config("tiny-hcx-omni")
+    config.modality("sensor").encoder["dropout"] = 0.0  # processes draw different random numbers
+    torch.manual_seed(0)
+    model = OmniForCausalLM(config)
+    tokenizer = make_tokenizer()
+    align_tokens(model, tokenizer)
+    processor = OmniProcessor(tokenizer, model.config)
+    generator = torch.Generator().manual_seed(0)
+    examples = [
+        Example([{"role": "user", "content": "<sensor> which way?"},
+                 {"role": "assistant", "content": "up" if i % 2 else "down"}],
+                {"sensor": [torch.randn(8 + i, 6, generator=generator)]})
+        for i in range(8)
+    ]
+    train_config = TrainConfig(strategy="new-encoder", modalities=["sensor"], epochs=2, batch_size=4,
+                               learning_rate=1e-3, progress=False)
+    trainer = Trainer(model, processor, examples, train_config, log=lambda line: None)
+    trainer.train()
+    if trainer.accelerator.is_main_process:
+        out.mkdir(parents=True, exist_ok=True)
+        params = {n: p.detach().contiguous() for n, p in model.named_parameters() if p.requires_grad}
+        save_file(params, out / "params.safetensors")
+        (out / "world").write_text(str(trainer.accelerator.num_processes))
+
+
+if __name__ == "__main__":
+    main(Path(sys.argv[1]))
