@@ -357,7 +357,10 @@ def read_source(path: str | os.PathLike) -> Source:
     model_type = raw.get("model_type")
     tokenizer = _load_tokenizer(path)
     if model_type in ("hcx_omni", "vlm", "hyperclovax_vision_v2"):
-        keys = {key for file in safetensors_files(path) for key in safe_open(file, framework="pt").keys()}
+        keys = set()
+        for file in safetensors_files(path):
+            with safe_open(file, framework="pt") as reader:
+                keys.update(reader.keys())
         vision_v2 = model_type == "hyperclovax_vision_v2" or any(
             k.startswith(("model.vision_projector.", "model.projector.")) for k in keys
         )

@@ -183,6 +183,8 @@ def build_parser() -> argparse.ArgumentParser:
     est.add_argument("--dtype", default="bf16", help="weight and activation dtype: bf16, fp16, fp32 (default bf16)")
     est.add_argument("--quant", default=None, help="hold the LLM's linear layers in nf4 or int8 (default: per strategy)")
     est.add_argument("--gradient-checkpointing", action="store_true", help="keep one activation per layer")
+    est.add_argument("--trained-dtype", default="fp32",
+                     help="dtype of trained parameters, their gradients and AdamW moments: fp32 (default) or bf16")
     est.set_defaults(run=cmd_estimate)
 
     plan = commands.add_parser("plan", help="place components and LLM layers on GPU/CPU/disk by memory budget")

@@ -1,8 +1,8 @@
 """Say what LoRA should adapt; get the Linear layers that exist in each architecture.
 
 The guide's ``target_modules=["q_proj", "v_proj"]`` matches nothing in the Qwen2.5-VL vision tower
-(one fused ``qkv``) or in ``nn.TransformerEncoder`` (a fused ``in_proj_weight``), and peft then
-fails. Users say what they mean instead, and `resolve_lora_targets` finds the module names:
+(one fused ``qkv``) or in ``nn.TransformerEncoder`` (a fused ``in_proj_weight``, and an ``out_proj``
+that ``nn.MultiheadAttention`` never calls as a module), and peft then fails. Users say what they mean instead, and `resolve_lora_targets` finds the module names:
 
 * ``"attention"``: every Linear directly inside an attention module (class name containing
   "Attention"): ``q_proj``/``k_proj``/``v_proj``/``o_proj`` in HyperCLOVAX, Llama and our IMU
@@ -27,12 +27,18 @@ _MLP_NAMES = {"fc1", "fc2", "linear1", "linear2", "gate_proj", "up_proj", "down_
 
 
 def _linear_layers(module: nn.Module) -> list[tuple[str, str, nn.Linear]]:
-    """``(path, parent class name, layer)`` for every Linear under ``module``."""
+    """``(path, parent class name, layer)`` for every Linear under ``module`` that is called as a module.
+
+    ``nn.MultiheadAttention`` reads its ``out_proj.weight`` directly instead of calling it, so an
+    adapter there would never run: such layers are left out.
+    """
     found = []
     for path, layer in module.named_modules():
         if isinstance(layer, nn.Linear) and path:
             parent_path = path.rsplit(".", 1)[0] if "." in path else ""
             parent = module.get_submodule(parent_path) if parent_path else module
+            if isinstance(parent, nn.MultiheadAttention):
+                continue
             found.append((path, type(parent).__name__, layer))
     return found
 

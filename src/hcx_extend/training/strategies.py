@@ -156,11 +156,19 @@ def apply_strategy(model: OmniForCausalLM, strategy: Strategy, modalities: Itera
 
 
 def set_train_mode(model: OmniForCausalLM) -> None:
-    """Training mode (dropout on) only for components that learn; frozen ones stay deterministic."""
+    """Training mode (dropout on) only for components that learn; frozen ones stay deterministic.
+
+    Exception: transformers checkpoints a decoder layer only while that layer is in training mode, so
+    with gradient checkpointing on, a frozen LLM's layers get ``training=True`` themselves (not their
+    attention or MLP children, so no dropout turns on).
+    """
     model.train()
     for _, module in model.model.named_children():
         if frozen(module):
             module.eval()
+    for layer in model.language_model.get_decoder().layers:
+        if getattr(layer, "gradient_checkpointing", False):
+            layer.training = True
 
 
 def frozen(module: nn.Module) -> bool:

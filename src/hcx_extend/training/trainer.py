@@ -191,7 +191,7 @@ class Trainer:
         if config.max_steps is not None:
             self.total_steps = min(self.total_steps, config.max_steps)
         if config.gradient_checkpointing:
-            model.language_model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            model.language_model.activation_checkpointing_enable({"use_reentrant": False})
         optimizer = torch.optim.AdamW(self._parameter_groups(model), lr=config.learning_rate,
                                       weight_decay=config.weight_decay)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, self._lr_factor)
@@ -297,7 +297,7 @@ class Trainer:
             batch = {k: _to_device(v, self.accelerator.device) for k, v in batch.items()}
             last = number == len(batches) - 1
             with contextlib.nullcontext() if last else self.accelerator.no_sync(self.model):
-                output = self.model(**batch, logits_to_keep="labels")
+                output = self.model(**batch, logits_to_keep="labels", use_cache=False)
                 self.accelerator.backward(output.loss * (count * world / total))
             loss_sum += output.loss.detach() * count
         if self.config.max_grad_norm is not None:
