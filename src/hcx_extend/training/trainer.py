@@ -236,6 +236,7 @@ class Trainer:
     def train(self) -> TrainResult:
         self.log(f"strategy {self.strategy.name}: {self.strategy.summary}")
         self.log(trainable_report(self.accelerator.unwrap_model(self.model)))
+        self.log(self._memory_report())
         if self.config.resume and self.output_dir and (self.output_dir / "last" / "state.json").exists():
             self._load_checkpoint(self.output_dir / "last")
             self.log(f"resumed from {self.output_dir / 'last'} at step {self.step}")
@@ -278,6 +279,33 @@ class Trainer:
         self.accelerator.unwrap_model(self.model).eval()
         self.log(f"trained {self.step} steps in {train_seconds:.1f} s (wall {time.perf_counter() - started:.1f} s)")
         return TrainResult(self.history, self.best, self.step, train_seconds, stopped_early)
+
+    def _memory_report(self) -> str:
+        """The estimator's per-component bytes (weights, gradients, optimiser state, activations) for this run."""
+        from hcx_extend.memory.activations import Workload
+        from hcx_extend.memory.estimate import estimate_memory
+        from hcx_extend.summary import human_bytes
+
+        model = self.accelerator.unwrap_model(self.model)
+        world, micro = self.accelerator.num_processes, self.config.gradient_accumulation_steps
+        per_pass = max(1, self.config.batch_size // (world * micro))
+        batch = self._collate(self.examples[:per_pass])
+        labels = batch["labels"][:, 1:]
+        sensor_steps = [int(b["lengths"].max()) for b in batch["modality_inputs"].values() if "lengths" in b]
+        workload = Workload(batch=per_pass, seq=batch["input_ids"].shape[1], sensor_steps=max(sensor_steps or [1]),
+                            label_fraction=max(1e-3, float((labels != IGNORE_INDEX).float().mean())))
+        dtype = {torch.bfloat16: "bf16", torch.float16: "fp16"}.get(model.get_input_embeddings().weight.dtype, "fp32")
+        try:
+            estimate = estimate_memory(
+                model.config, self.strategy, workload, dtype=dtype, trained_dtype="fp32",
+                gradient_checkpointing=self.config.gradient_checkpointing,
+                modalities=list(self.config.modalities or model.config.modalities),
+                fresh=tuple(model.fresh_components), foreach=self.accelerator.device.type == "cuda",
+            )
+        except (ValueError, NotImplementedError, RuntimeError) as error:
+            return f"memory estimate unavailable: {error}"
+        return (f"memory this run needs per process (estimate for batch {per_pass} x {workload.seq} tokens, "
+                f"weights {dtype}, trained fp32): peak {human_bytes(estimate.peak)}\n{estimate.table()}")
 
     def _train_step(self, indices: list[int]) -> float:
         """One optimiser step on the global batch ``indices``; returns its mean loss per answer token."""
