@@ -5,8 +5,9 @@ the projector and the splice on a padded batch ``(items, tokens, hidden)`` with 
 return ``(items, compressed_tokens, hidden)`` with new lengths; `compressed_length` tells the
 processor how many placeholder tokens to emit.
 
-Built in: ``none`` (identity) and ``avgpool`` (mean of each chunk of ``chunk_size`` tokens, padding
-excluded). Register more with `register_compressor`.
+Built in: ``none`` (identity), ``avgpool`` (mean of each chunk of ``chunk_size`` tokens, padding
+excluded) and ``mambamia`` (the Omni model's learned-query Mamba2 compressor, `compressors.mambamia`).
+Register more with `register_compressor`.
 """
 
 from __future__ import annotations
@@ -54,9 +55,17 @@ def check_chunk_size(chunk_size: Any) -> int:
     return chunk_size
 
 
+def _build_mambamia(spec: dict[str, Any], hidden_size: int) -> nn.Module:
+    # Imported on use: mambamia imports check_chunk_size from this module.
+    from hcx_extend.compressors.mambamia import build_mambamia
+
+    return build_mambamia(spec, hidden_size)
+
+
 _REGISTRY: dict[str, CompressorBuilder] = {
     "none": lambda spec, hidden: IdentityCompressor(),
     "avgpool": lambda spec, hidden: AvgPoolCompressor(spec.get("chunk_size", 25)),
+    "mambamia": _build_mambamia,
 }
 
 
