@@ -159,11 +159,11 @@ def print_prefill(rows: list[dict]) -> None:
     print("(ratios: none's value / this row's, same sensor length; 'LLM in' counts the whole prompt, text included)")
 
 
-def accuracy_table(seed: int, settings: dict) -> list[dict]:
+def accuracy_table(seed: int, settings: dict, names: list[str]) -> list[dict]:
     from hcx_extend.demo_sequence import train_and_test
 
     rows = []
-    for name in ("mambamia", "avgpool", "none"):
+    for name in names:
         print(f"training with {name} ...", flush=True)
         metrics = train_and_test(name, seed=seed, settings=settings, log=lambda line: None)
         rows.append({key: metrics[key] for key in ("compressor", "test_exact_match", "test_activity_error_rate",
@@ -185,16 +185,21 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--seed", type=int, default=0, help="seed of the accuracy runs")
     parser.add_argument("--epochs", type=int, default=None, help="override the demo's epochs in the accuracy runs")
+    parser.add_argument("--compressors", nargs="+", choices=COMPRESSOR_NAMES, default=["mambamia", "avgpool", "none"],
+                        help="compressors of the accuracy runs (each a full training run)")
+    parser.add_argument("--skip-prefill", action="store_true", help="only the accuracy runs")
     parser.add_argument("--output", default=None, help="also write the results to this JSON file")
     args = parser.parse_args()
 
     honest = keep_rss_honest()
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads; glibc RSS tracking: {'on' if honest else 'off'}")
-    results: dict = {"prefill": prefill_table(args.repeats, tuple(args.lengths))}
-    print_prefill(results["prefill"])
+    results: dict = {}
+    if not args.skip_prefill:
+        results["prefill"] = prefill_table(args.repeats, tuple(args.lengths))
+        print_prefill(results["prefill"])
     if not args.skip_accuracy:
         settings = {} if args.epochs is None else {"epochs": args.epochs}
-        results["accuracy"] = accuracy_table(args.seed, settings)
+        results["accuracy"] = accuracy_table(args.seed, settings, args.compressors)
     if args.output:
         Path(args.output).write_text(json.dumps(results, indent=2))
 

@@ -160,3 +160,29 @@ def test_checkpoint_holds_only_trained_parameters_and_the_full_config(tokenizer,
     config = json.loads((tmp_path / "last" / "config.json").read_text())
     assert config["model_type"] == "hcx_omni" and "sensor" in config["modalities"]
     assert (tmp_path / "best" / "trainable.safetensors").exists()
+
+
+def test_full_fine_tune_of_a_tied_llm_saves_and_loads_back(tokenizer, tmp_path):
+    """An LLM whose head shares the embeddings (SmolLM2, most small LLMs) trained in full: the tied
+    weight is stored once and both come back, still tied, with the trained values."""
+    from hcx_extend.checkpoint import load_trained, save_checkpoint, save_trained
+
+    model = tiny(tokenizer)
+    model.config.text_config.tie_word_embeddings = True
+    model.language_model.config.tie_word_embeddings = True
+    model.language_model.tie_weights()
+    embeddings = model.language_model.get_input_embeddings().weight
+    assert model.language_model.get_output_embeddings().weight is embeddings
+    save_checkpoint(model, tmp_path / "base")
+    with torch.no_grad():
+        embeddings.add_(0.25)  # "training" changes the shared weight and the projector
+        for parameter in model.model.sensor_projector.parameters():
+            parameter.mul_(2.0)
+    components = ["language_model", "sensor_model", "sensor_projector"]
+    save_trained(model, tmp_path / "run", base=tmp_path / "base", components=components, strategy="full")
+    loaded, _ = load_trained(tmp_path / "run")
+    assert loaded.language_model.get_output_embeddings().weight is loaded.language_model.get_input_embeddings().weight
+    expected, got = model.state_dict(), loaded.state_dict()
+    for key in expected:
+        if key.startswith(tuple(f"model.{c}." for c in components)):
+            assert torch.equal(got[key], expected[key]), key

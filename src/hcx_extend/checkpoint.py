@@ -509,7 +509,9 @@ def save_trained(
     directory.mkdir(parents=True, exist_ok=True)
     components = list(components)
     prefixes = tuple(f"model.{c}." for c in components)
-    tensors = {k: v.detach().to("cpu").contiguous() for k, v in model.state_dict().items() if k.startswith(prefixes)}
+    # Tied duplicates (an LLM's lm_head sharing embed_tokens, trained under `full`) are dropped as in
+    # `save_checkpoint`; loading the kept tensor restores both.
+    tensors = {k: v.detach().to("cpu").contiguous() for k, v in tensors_to_save(model).items() if k.startswith(prefixes)}
     save_file(tensors, directory / TRAINED_FILE, metadata={"format": "pt"})
     (directory / "config.json").write_text(json.dumps(model.config.to_dict(), indent=2, sort_keys=True, default=str))
     run = {"base": str(Path(base).resolve()), "components": components, "strategy": strategy}
@@ -531,7 +533,7 @@ def load_trained(directory: str | os.PathLike, *, dtype: torch.dtype | str | Non
     new = [m for name, m in config.modalities.items() if name not in source.config.modalities]
     model = extend(source, new, tokenizer=tokenizer, dtype=dtype).model
     trained = dict(iter_safetensors_file(directory / TRAINED_FILE))
-    expected = {k for k in model.state_dict() if k.startswith(tuple(f"model.{c}." for c in run["components"]))}
+    expected = {k for k in tensors_to_save(model) if k.startswith(tuple(f"model.{c}." for c in run["components"]))}
     if set(trained) != expected:
         raise ValueError(
             f"{directory}: trained tensors do not match the rebuilt model (missing {sorted(expected - set(trained))[:3]}, "
