@@ -50,6 +50,10 @@ def add_lora(model, component: str, spec: LoraSpec):
     module.train(training)  # new LoRA layers start in training mode (dropout on); follow the component
     for name, parameter in module.named_parameters():
         parameter.requires_grad_("lora_" in name)
+        # Adapters in fp32 over a bf16/fp16 (or 4-bit, bf16-compute) base, as peft's get_peft_model does
+        # by default: AdamW steps of lr x ~1 on bf16 weights round away (bf16 keeps 8 bits of mantissa).
+        if "lora_" in name and parameter.dtype in (torch.bfloat16, torch.float16):
+            parameter.data = parameter.data.float()
     adapted = getattr(model, "lora_configs", {})
     adapted[component] = config
     model.lora_configs = adapted
