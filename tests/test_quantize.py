@@ -132,3 +132,26 @@ def test_bad_requests_raise_clear_errors(reference, kwargs, message):
 def test_weights_on_the_meta_device_cannot_be_quantised():
     with pytest.raises(ValueError, match="meta device"):
         quantize_language_model(build_preset("tiny-hcx-omni", device="meta"))
+
+
+def test_an_evaluation_pass_leaves_nf4_training_gradients_unchanged(reference):
+    """bitsandbytes repacks 4-bit weights for its CPU inference kernel on an eval, no-grad pass; QLoRA
+    alternates such passes (generate between epochs) with training steps, which must see the same weights."""
+    model = copy.deepcopy(reference)
+    quantize_language_model(model, "nf4", compute_dtype=torch.bfloat16)
+    llm = model.language_model
+
+    def input_gradient() -> torch.Tensor:
+        llm.train()
+        embeddings = llm.get_input_embeddings()(PROMPTS[:1, :8]).detach().requires_grad_(True)
+        llm(inputs_embeds=embeddings).logits.float().pow(2).mean().backward()
+        return embeddings.grad
+
+    before = input_gradient()
+    llm.eval()
+    with torch.no_grad():
+        llm(input_ids=PROMPTS[:1, :8])
+    after = input_gradient()
+    layers = [m for m in llm.modules() if isinstance(m, bnb.nn.Linear4bit)]
+    assert layers and not any(getattr(m.weight.quant_state, "packing_format_for_cpu", False) for m in layers)
+    assert before.abs().max() > 0 and torch.equal(before, after)

@@ -208,6 +208,13 @@ def _quantized_copy(bnb, linear: nn.Linear, method: str, compute_dtype: torch.dt
     if method == "nf4" and not layer.weight.bnb_quantized:
         # On the CPU, moving to the device the copy is already on does not quantise: ask explicitly.
         layer.weight = layer.weight._quantize(device)
+    if method == "nf4":
+        # bitsandbytes 0.50 repacks a 4-bit weight in place for its CPU inference kernel the first time
+        # the layer runs in eval mode without gradients (CPUs with AVX512-BF16), and its training-mode
+        # path then reads the repacked bytes as if they were not: after one evaluation (say, generate()
+        # between epochs) QLoRA trains against a garbled LLM. Found on the IMU demo, where qlora stalled
+        # at a loss of ~3.4 after the first evaluation. Keep the standard layout.
+        layer.support_avx512bf16_for_cpu = False
     return layer
 
 
