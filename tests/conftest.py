@@ -11,6 +11,16 @@ from tiny_tokenizer import make_tokenizer  # noqa: E402
 from hcx_extend import OmniProcessor, align_tokens, build_preset  # noqa: E402
 
 
+@pytest.fixture(scope="module")
+def one_thread():
+    """One torch thread for a module of small steps: avoids oversubscription when the CPU is shared (5x
+    faster then). Modules opt in with ``pytestmark = pytest.mark.usefixtures("one_thread")``."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture
 def tokenizer():
     return make_tokenizer()

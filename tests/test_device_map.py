@@ -15,14 +15,7 @@ from hcx_extend.presets import PRESETS, build_preset, preset_config
 
 ORDER = {"cuda:0": 0, "cpu": 1, "disk": 2}
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """These steps are small: one thread avoids oversubscription when the CPU is shared (5x faster then)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _devices_in_forward_order(plan):

@@ -17,14 +17,7 @@ from hcx_extend.training.strategies import apply_strategy, get_strategy, set_tra
 # One 56x56 image (4 tokens), the tiny audio window (16 tokens), 20 sensor steps: 40 placeholders.
 SMALL_STEP = Workload(batch=1, seq=96, image_size=56, sensor_steps=20)
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """These steps are small: one thread avoids oversubscription when the CPU is shared (5x faster then)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _batch(model, workload):

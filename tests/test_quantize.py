@@ -23,14 +23,7 @@ from hcx_extend.presets import build_preset
 
 PROMPTS = torch.randint(0, 128_000, (4, 32), generator=torch.Generator().manual_seed(0))
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """These steps are small: one thread avoids oversubscription when the CPU is shared (5x faster then)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

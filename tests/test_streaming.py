@@ -14,14 +14,7 @@ TEXT = {"model_type": "hyperclovax", "vocab_size": 1000, "hidden_size": 64, "int
         "max_position_embeddings": 256, "tie_word_embeddings": False}
 PROMPT = torch.randint(0, 1000, (2, 12), generator=torch.Generator().manual_seed(0))
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """These steps are small: one thread avoids oversubscription when the CPU is shared (5x faster then)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _model():

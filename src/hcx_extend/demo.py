@@ -146,7 +146,8 @@ def confusion_text(columns: list[str], matrix: np.ndarray) -> str:
     return "\n".join(lines)
 
 
-def write_plots(run: Path, history: list[dict], columns: list[str], matrix: np.ndarray) -> None:
+def write_loss_curve(run: Path, history: list[dict], title: str) -> None:
+    """``run/loss_curve.png``: training loss per step and validation loss per evaluation (log scale)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -163,11 +164,19 @@ def write_plots(run: Path, history: list[dict], columns: list[str], matrix: np.n
     axis.set_ylabel("cross-entropy on the answer tokens")
     axis.set_yscale("log")
     axis.legend()
-    axis.set_title("IMU demo: new-encoder training on BasicMotions")
+    axis.set_title(title)
     figure.tight_layout()
     figure.savefig(run / "loss_curve.png", dpi=120)
     plt.close(figure)
 
+
+def write_plots(run: Path, history: list[dict], columns: list[str], matrix: np.ndarray) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    write_loss_curve(run, history, "IMU demo: new-encoder training on BasicMotions")
     figure, axis = plt.subplots(figsize=(5.5, 4.5))
     axis.imshow(matrix, cmap="Blues")
     axis.set_xticks(range(len(columns)), columns, rotation=30)

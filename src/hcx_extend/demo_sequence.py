@@ -45,7 +45,7 @@ from hcx_extend.data.long_sequence import (
     sequence_splits,
 )
 from hcx_extend.data.sensors import fit_normalization
-from hcx_extend.demo import DEFAULT_ENCODER, DEFAULT_TRAINING, imu_modality, log, peak_rss_gb
+from hcx_extend.demo import DEFAULT_ENCODER, DEFAULT_TRAINING, imu_modality, log, peak_rss_gb, write_loss_curve
 from hcx_extend.model import OmniForCausalLM
 from hcx_extend.processor import OmniProcessor, compressed_length
 
@@ -236,31 +236,9 @@ def train_and_test(
     if run is not None:
         components = [n for n, m in model.model.named_children() if any(p.requires_grad for p in m.parameters())]
         save_trained(model, run / "checkpoint", base=base, components=components, tokenizer=tokenizer)
-        write_loss_curve(run, result.history, compressor)
+        write_loss_curve(run, result.history, f"sequence task, {compressor} compressor")
         (run / "metrics.json").write_text(json.dumps(metrics, indent=2))
     return metrics
-
-
-def write_loss_curve(run: Path, history: list[dict], compressor: str) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    figure, axis = plt.subplots(figsize=(6, 4))
-    axis.plot([h["step"] for h in history if "loss" in h], [h["loss"] for h in history if "loss" in h],
-              label="training loss (per step)")
-    evals = [h for h in history if "eval_loss" in h]
-    if evals:
-        axis.plot([h["step"] for h in evals], [h["eval_loss"] for h in evals], "o-", label="validation loss")
-    axis.set_xlabel("step")
-    axis.set_ylabel("cross-entropy on the answer tokens")
-    axis.set_yscale("log")
-    axis.legend()
-    axis.set_title(f"sequence task, {compressor} compressor")
-    figure.tight_layout()
-    figure.savefig(run / "loss_curve.png", dpi=120)
-    plt.close(figure)
 
 
 def run_sequence_demo(args: argparse.Namespace) -> int:
