@@ -67,7 +67,9 @@ class IMUAttention(nn.Module):
         self.num_heads = num_heads
         self.dropout = dropout
         self.q_proj = nn.Linear(hidden_size, hidden_size)
-        self.k_proj = nn.Linear(hidden_size, hidden_size)
+        # No key bias (as in Whisper): softmax ignores a constant added to every key, so its gradient is
+        # zero and AdamW would only turn rounding noise into full-size steps.
+        self.k_proj = nn.Linear(hidden_size, hidden_size, bias=False)
         self.v_proj = nn.Linear(hidden_size, hidden_size)
         self.o_proj = nn.Linear(hidden_size, hidden_size)
 
