@@ -118,7 +118,7 @@ def load_dispatched(directory: Path, cpu_budget: str) -> dict:
     import torch
     from accelerate import init_empty_weights
 
-    from hcx_extend.checkpoint import read_config_dict
+    from hcx_extend.layout import read_config_dict
     from hcx_extend.config import OmniConfig
     from hcx_extend.memory import dispatch_checkpoint, plan_device_map
     from hcx_extend.model import OmniForCausalLM
@@ -171,8 +171,8 @@ def main(argv=None) -> int:
     if args.child:
         child(args.child[0], args.child[1], args.cpu)
         return 0
-    from hcx_extend.memory.device_map import parse_size
-    from hcx_extend.summary import human_bytes
+    from hcx_extend.units import parse_size
+    from hcx_extend.units import human_bytes
 
     workdir = Path(tempfile.mkdtemp(prefix="hcx-dispatch-"))
     try:

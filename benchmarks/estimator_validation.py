@@ -147,7 +147,8 @@ def peak_of(run, device) -> int:
 
 def measure(config, strategy: str, workload, device: str, dtype: torch.dtype = torch.float32) -> int:
     from hcx_extend.model import OmniForCausalLM
-    from hcx_extend.training.strategies import apply_strategy, get_strategy, set_train_mode
+    from hcx_extend.ladder import get_strategy
+    from hcx_extend.training import apply_strategy
 
     torch.manual_seed(0)
     with torch.device(device):  # initialise where it runs (fast on a GPU)
@@ -164,7 +165,7 @@ def measure(config, strategy: str, workload, device: str, dtype: torch.dtype = t
         return static_bytes(model, None) + peak_of(prefill, device)
     model.fresh_components = set()  # a pretrained checkpoint: LoRA adapts the encoders
     apply_strategy(model, get_strategy(strategy))
-    set_train_mode(model)
+    model.set_train_mode()
     parameters = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(parameters, lr=1e-4)
 

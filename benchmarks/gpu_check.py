@@ -130,9 +130,8 @@ def check_estimator(device: torch.device) -> None:
 
 # ---------------------------------------------------------------------------------------- 2. planner + dispatch
 def check_dispatch(model, device: torch.device, reference_logits: torch.Tensor) -> None:
-    from hcx_extend.checkpoint import save_checkpoint
     from hcx_extend.memory import dispatch_checkpoint, plan_device_map
-    from hcx_extend.summary import human_bytes
+    from hcx_extend.units import human_bytes
 
     executor = "cuda:0" if device.type == "cuda" else "cpu"
     budget = non_layer_nbytes(model) + BUDGET_LAYERS * layer_nbytes(model)
@@ -140,7 +139,7 @@ def check_dispatch(model, device: torch.device, reference_logits: torch.Tensor) 
         p.numel() * p.element_size() for p in model.parameters())}
     with tempfile.TemporaryDirectory(prefix="hcx-gpu-check-") as folder:
         started = time.perf_counter()
-        save_checkpoint(model, Path(folder) / "checkpoint", max_shard_size="1GB")
+        model.save_pretrained(Path(folder) / "checkpoint", max_shard_size="1GB")
         plan = plan_device_map(model, budgets, dtype=next(model.parameters()).dtype)
         log(plan.table())
         if device.type == "cuda":
@@ -242,7 +241,7 @@ def check_streaming(model, device: torch.device, reference_logits: torch.Tensor)
     from accelerate import dispatch_model
 
     from hcx_extend.memory import LayerStreamer
-    from hcx_extend.summary import human_bytes
+    from hcx_extend.units import human_bytes
 
     ids = prompt(model.config.text_config.vocab_size)
     layer = layer_nbytes(model)

@@ -39,7 +39,8 @@ def worker(recipe: str, seed: int, max_epochs: int) -> dict:
     from hcx_extend.demo import DEFAULT_ENCODER, imu_modality, predict
     from hcx_extend.presets import smollm2_gguf_path
     from hcx_extend.processor import OmniProcessor
-    from hcx_extend.training.trainer import Example, TrainConfig, Trainer
+    from hcx_extend.data.examples import Example
+    from hcx_extend.training import TrainConfig, Trainer
 
     torch.manual_seed(seed)
     modality = imu_modality(DEFAULT_ENCODER["stride"])

@@ -93,8 +93,9 @@ def measure(fn, repeats: int) -> tuple[float, int]:
 def prefill_table(repeats: int, lengths: tuple[int, ...]) -> list[dict]:
     from hcx_extend.compressors import build_compressor
     from hcx_extend.data.long_sequence import sequence_chat
-    from hcx_extend.demo_sequence import COMPRESSORS, SEQUENCE_TRAINING, build_sequence_model
-    from hcx_extend.processor import OmniProcessor, compressed_length
+    from hcx_extend.recipes.sequence import COMPRESSORS, SEQUENCE_TRAINING, build_sequence_model
+    from hcx_extend.compressors import compressed_length
+    from hcx_extend.processor import OmniProcessor
     from hcx_extend.splice import splice_modality_embeddings
 
     stride = SEQUENCE_TRAINING["stride"]
@@ -113,7 +114,7 @@ def prefill_table(repeats: int, lengths: tuple[int, ...]) -> list[dict]:
         """The processor's input_ids for a stream of ``tokens`` sensor tokens under compressor ``name``."""
         modality.compressor = dict(COMPRESSORS[name])
         ids = processor([sequence_chat()], {"imu": [torch.zeros(tokens * stride, 6)]})["input_ids"]
-        assert int((ids == modality.token_id).sum()) == compressed_length(modality, tokens)
+        assert int((ids == modality.token_id).sum()) == compressed_length(modality.compressor, tokens)
         return ids
 
     @torch.inference_mode()
@@ -160,7 +161,7 @@ def print_prefill(rows: list[dict]) -> None:
 
 
 def accuracy_table(seed: int, settings: dict, names: list[str]) -> list[dict]:
-    from hcx_extend.demo_sequence import train_and_test
+    from hcx_extend.recipes.sequence import train_and_test
 
     rows = []
     for name in names:

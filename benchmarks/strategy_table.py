@@ -28,7 +28,8 @@ STRATEGY_ORDER = ("projector", "new-encoder", "lora-encoder", "lora-all", "qlora
 def meta_table() -> None:
     from hcx_extend.presets import build_preset
     from hcx_extend.training.report import trainable_table
-    from hcx_extend.training.strategies import STRATEGIES, apply_strategy
+    from hcx_extend.ladder import STRATEGIES
+    from hcx_extend.training import apply_strategy
 
     print("hcx-omni-8b (meta device): what each strategy trains, all modalities targeted")
     print(f"{'strategy':<13} {'trained':>15} {'bf16 MB':>9} {'fp32 MB':>9} {'% of all':>9}  components")

@@ -14,7 +14,8 @@ sys.path.insert(0, str(Path(__file__).parent))
 from tiny_tokenizer import make_tokenizer  # noqa: E402
 
 from hcx_extend import OmniForCausalLM, OmniProcessor, align_tokens, preset_config  # noqa: E402
-from hcx_extend.training.trainer import Example, TrainConfig, Trainer  # noqa: E402
+from hcx_extend.data.examples import Example
+from hcx_extend.training import TrainConfig, Trainer  # noqa: E402
 
 
 def main(out: Path) -> None:

@@ -7,8 +7,8 @@ from safetensors.torch import save_file
 from transformers import AutoConfig, HyperCLOVAXVisionV2Config, HyperCLOVAXVisionV2ForConditionalGeneration, LlamaConfig, LlamaForCausalLM
 
 from hcx_extend import OmniForCausalLM, extend, load_checkpoint
-from hcx_extend.checkpoint import iter_safetensors
-from hcx_extend.presets import TINY_HCX_OMNI, sensor_modality
+from hcx_extend.layout import iter_safetensors
+from hcx_extend.presets import TINY_HCX_OMNI, imu_modality
 
 IMU = dict(in_channels=6, hidden_size=16, num_layers=1, num_heads=2, ffn_size=32, dropout=0.0, output_size=24)
 
@@ -54,7 +54,7 @@ def test_extending_a_plain_causal_lm_keeps_its_weights_bit_identical(tmp_path, t
     tokenizer.save_pretrained(tmp_path / "llm")
     original = {k: v.clone() for k, v in llm.state_dict().items()}
 
-    result = extend(tmp_path / "llm", [sensor_modality("imu", **IMU)], output_dir=tmp_path / "out")
+    result = extend(tmp_path / "llm", [imu_modality("imu", **IMU)], output_dir=tmp_path / "out")
     assert result.source_kind == "causal_lm"
     imu = result.model.config.modality("imu")
     # The saved tokenizer lacked the placeholder: it was added after the existing 259 tokens.
@@ -101,7 +101,7 @@ def test_extending_a_transformers_vision_v2_checkpoint_keeps_its_weights(tmp_pat
     assert "model.vision_projector.weight" in saved
     assert any(k.startswith("model.language_model.layers.") for k in saved)
 
-    result = extend(tmp_path / "v2", [sensor_modality("sensor", **IMU)], output_dir=tmp_path / "out")
+    result = extend(tmp_path / "v2", [imu_modality("sensor", **IMU)], output_dir=tmp_path / "out")
     assert result.source_kind == "vision_v2"
     assert result.model.config.modality("image").projector == {"type": "linear"}
     state = result.model.state_dict()
@@ -131,7 +131,7 @@ def test_extending_a_hub_spelled_vision_v2_checkpoint(tmp_path):
     config["model_type"] = "vlm"
     (folder / "config.json").write_text(json.dumps(config, default=str))
 
-    result = extend(folder, [sensor_modality("sensor", **IMU)])
+    result = extend(folder, [imu_modality("sensor", **IMU)])
     state = result.model.state_dict()
     for key, tensor in hub.items():
         target = key.replace("model.vision_projector.", "model.mm_projector.")
@@ -156,7 +156,7 @@ def test_unbuilt_hcx_tensors_survive_extend_and_save_bit_identical(tiny_model, t
             "video_start_id": 128061}
     (tmp_path / "omni" / "config.json").write_text(json.dumps(flat))
 
-    result = extend(tmp_path / "omni", [sensor_modality("imu", token_id=128081, **IMU)], output_dir=tmp_path / "out")
+    result = extend(tmp_path / "omni", [imu_modality("imu", token_id=128081, **IMU)], output_dir=tmp_path / "out")
     assert result.source_kind == "omni"
     assert sorted(result.report.carried) == ["discrete_audio_model", "discrete_vision_model", "video_audio_compressor"]
     written = read_all(tmp_path / "out")

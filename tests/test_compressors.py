@@ -304,7 +304,8 @@ def test_placeholder_counts_equal_compressed_lengths_through_the_model(tokenizer
 
 def test_new_encoder_training_trains_the_compressor(tokenizer):
     from hcx_extend import OmniProcessor
-    from hcx_extend.training.trainer import Example, TrainConfig, Trainer
+    from hcx_extend.data.examples import Example
+    from hcx_extend.training import TrainConfig, Trainer
 
     model = model_with_sensor_compressor(tokenizer, {"type": "mambamia", "chunk_size": 4, "head_dim": 16,
                                                      "state_size": 8})

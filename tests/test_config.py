@@ -1,6 +1,7 @@
 import pytest
 
 from hcx_extend import ModalityConfig, OmniConfig, preset_config
+from hcx_extend.checkpoint.modality_file import check_modality
 from hcx_extend.config import HCX_IMAGE_TOKEN_ID, HCX_SENSOR_TOKEN_ID, HCX_VIDEO_TOKEN_ID
 
 TEXT = {"model_type": "hyperclovax", "vocab_size": 130_000, "hidden_size": 32, "intermediate_size": 64,
@@ -21,7 +22,9 @@ def test_omni_hub_flat_fields_become_modalities():
     assert (video.encoder_module, video.projector_module, video.token_id) == ("vision_model", "mm_projector", 128061)
     assert image.projector == {"type": "linear"} and audio.projector == {"type": "mlp"}
     assert (audio.encoder_module, audio.projector_module) == ("audio_model", "audio_projector")
-    assert audio.input.channels == 8 and audio.input.max_length == 16
+    # The input contract comes from the encoder's settings once the modality is checked (or built).
+    assert audio.input is None
+    assert check_modality(audio).input.channels == 8 and audio.input.max_length == 16
     assert config.anyres is False  # unknown hub fields are kept
     assert config.model_type == "hcx_omni"
 
@@ -33,7 +36,7 @@ def test_guide_sensor_fields_become_a_sensor_modality():
     assert sensor.encoder["model_type"] == "imu"
     assert (sensor.encoder_module, sensor.projector_module) == ("sensor_model", "sensor_projector")
     assert sensor.token_id == 128080 and sensor.pretrained == "/weights/imu"
-    assert sensor.input.kind == "sensor" and sensor.input.channels == 6
+    assert check_modality(sensor).input.kind == "sensor" and sensor.input.channels == 6
 
 
 def test_default_token_ids_follow_hcx():
@@ -56,7 +59,7 @@ def test_bad_configs_raise_clear_errors():
     with pytest.raises(ValueError, match="lower-case identifier"):
         ModalityConfig("IMU-1", encoder={"model_type": "imu"})
     with pytest.raises(ValueError, match="unknown encoder type 'lidar_net'"):
-        ModalityConfig("lidar", encoder={"model_type": "lidar_net"})
+        check_modality(ModalityConfig("lidar", encoder={"model_type": "lidar_net"}))
     with pytest.raises(ValueError, match="already used by"):
         OmniConfig(text_config=TEXT, modalities={
             "a": {"encoder": {"model_type": "imu"}, "token_id": 5},

@@ -5,11 +5,11 @@ import copy
 import pytest
 import torch
 
-from hcx_extend.checkpoint import save_checkpoint
 from hcx_extend.cli import main
 from hcx_extend.config import OmniConfig
 from hcx_extend.memory import dispatch_checkpoint, parse_budgets, plan_device_map
-from hcx_extend.memory.device_map import LAYER_PREFIX, parse_size, placement_units
+from hcx_extend.memory.device_map import LAYER_PREFIX, placement_units
+from hcx_extend.units import parse_size
 from hcx_extend.model import OmniForCausalLM
 from hcx_extend.presets import PRESETS, build_preset, preset_config
 
@@ -105,7 +105,7 @@ def test_dispatch_from_sharded_safetensors_with_disk_offload_reproduces_the_logi
     ids = torch.randint(0, 1000, (2, 12), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         expected = model(input_ids=ids).logits
-    save_checkpoint(model, tmp_path / "ckpt", max_shard_size="10MB")
+    model.save_pretrained(tmp_path / "ckpt", max_shard_size="10MB")
     assert len(list((tmp_path / "ckpt").glob("model-*.safetensors"))) > 1
     units = placement_units(model, torch.float32)
     # Room on the CPU for everything but the LLM's head: the head (and what follows) goes to disk.

@@ -120,8 +120,8 @@ def test_the_sequence_demo_runs_end_to_end_and_writes_its_run_folder(tmp_path):
     """One short epoch on the real LLM: metrics, plot and a checkpoint that loads back with its compressor."""
     import json
 
-    from hcx_extend.checkpoint import load_trained
-    from hcx_extend.demo_sequence import train_and_test
+    from hcx_extend.runs import load_model
+    from hcx_extend.recipes.sequence import train_and_test
 
     settings = {"train_streams": 4, "short_streams": 0, "validation_streams": 2, "test_streams": 2, "epochs": 1,
                 "batch_size": 4}
@@ -134,6 +134,6 @@ def test_the_sequence_demo_runs_end_to_end_and_writes_its_run_folder(tmp_path):
     assert saved["llm_tokens_per_stream"]["min"] == steps["min"] // 100
     assert saved["llm_tokens_per_stream"]["max"] == steps["max"] // 100
     assert (tmp_path / "loss_curve.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    model, _ = load_trained(tmp_path / "checkpoint")
+    model, _ = load_model(tmp_path / "checkpoint")
     assert model.config.modality("imu").compressor["type"] == "mambamia"
     assert metrics["test_exact_match"] == saved["test_exact_match"]

@@ -5,8 +5,9 @@ from torch import nn
 from hcx_extend import OmniForCausalLM
 from hcx_extend.encoders.imu_guide import GuideIMUEncoder
 from hcx_extend.training.adapters import load_adapters, merge_adapters, save_adapters
-from hcx_extend.training.lora_targets import resolve_lora_targets
-from hcx_extend.training.strategies import STRATEGIES, apply_strategy
+from hcx_extend.lora_targets import resolve_lora_targets
+from hcx_extend.ladder import STRATEGIES
+from hcx_extend.training import apply_strategy
 
 
 def leaf_names(paths):
@@ -71,7 +72,7 @@ def test_each_strategy_leaves_exactly_the_intended_parameters_trainable(tokenize
     }
     for name, expected in expectations.items():
         model = fresh(tokenizer)
-        components = apply_strategy(model, STRATEGIES[name], ["sensor"])
+        components = apply_strategy(model, STRATEGIES[name], ["sensor"]).components
         names = {n for n, _ in model.named_parameters()}
         assert trainable(model) == {n for n in names if expected(n)}, name
         assert components, name
@@ -87,7 +88,7 @@ def test_each_strategy_leaves_exactly_the_intended_parameters_trainable(tokenize
 def test_a_freshly_initialised_encoder_is_trained_in_full_under_lora(tokenizer):
     model = fresh(tokenizer)
     model.fresh_components = {"sensor_model", "sensor_projector"}  # as after extend() added the sensor
-    components = apply_strategy(model, STRATEGIES["lora-all"], ["sensor"])
+    components = apply_strategy(model, STRATEGIES["lora-all"], ["sensor"]).components
     assert components == ["language_model", "sensor_model", "sensor_projector"]
     names = trainable(model)
     assert {n for n in names if n.startswith("model.sensor_model.")} == {

@@ -12,7 +12,8 @@ from hcx_extend.memory import Workload, estimate_memory, weight_footprint
 from hcx_extend.memory.activations import encoded_modalities
 from hcx_extend.memory.quantize import module_bytes, quantizable_linears, quantized_weight_bytes
 from hcx_extend.presets import build_preset, preset_config
-from hcx_extend.training.strategies import apply_strategy, get_strategy, set_train_mode
+from hcx_extend.ladder import get_strategy
+from hcx_extend.training import apply_strategy
 
 # One 56x56 image (4 tokens), the tiny audio window (16 tokens), 20 sensor steps: 40 placeholders.
 SMALL_STEP = Workload(batch=1, seq=96, image_size=56, sensor_steps=20)
@@ -47,7 +48,7 @@ def _measured_peak(strategy: str, workload: Workload) -> int:
     ids, inputs, _ = _batch(model, workload)
     model.fresh_components = set()
     apply_strategy(model, get_strategy(strategy))
-    set_train_mode(model)
+    model.set_train_mode()
     parameters = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(parameters)
 

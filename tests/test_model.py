@@ -3,7 +3,7 @@ import re
 import torch
 import torch.nn.functional as F
 
-from hcx_extend.model import IGNORE_INDEX
+from hcx_extend.config import IGNORE_INDEX
 
 HCX_PREFIXES = {"model.language_model.model.", "model.language_model.lm_head.", "model.vision_model.",
                 "model.mm_projector.", "model.audio_model.", "model.audio_projector.", "model.sensor_model.",

@@ -1,7 +1,7 @@
 import torch
 
 from hcx_extend import OmniProcessor, align_tokens
-from hcx_extend.model import IGNORE_INDEX
+from hcx_extend.config import IGNORE_INDEX
 
 
 def test_markers_expand_to_one_placeholder_per_embedding(tiny_model, processor):

@@ -8,7 +8,7 @@ import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from hcx_extend import OmniForCausalLM
-from hcx_extend.checkpoint import load_trained
+from hcx_extend.runs import load_model
 from hcx_extend.cli import main
 
 CHANNELS = ["acc_x", "acc_y", "acc_z", "gyro_x", "gyro_y", "gyro_z"]
@@ -48,7 +48,7 @@ def test_train_merge_chat(workspace, capsys):
     # The new IMU encoder had nothing to adapt: it was trained in full, with its projector.
     assert summary["components"] == ["language_model", "imu_model", "imu_projector"]
 
-    with_adapters, tokenizer = load_trained(checkpoint)
+    with_adapters, tokenizer = load_model(checkpoint)
     assert main(["merge", str(checkpoint), "--output", str(workspace / "merged")]) == 0
     merged = OmniForCausalLM.from_pretrained(workspace / "merged")
     assert not any("lora_" in k for k in merged.state_dict())

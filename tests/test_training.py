@@ -5,8 +5,10 @@ import torch
 
 from hcx_extend import OmniProcessor, align_tokens, build_preset
 from hcx_extend.training.report import trainable_table
-from hcx_extend.training.strategies import apply_strategy, get_strategy
-from hcx_extend.training.trainer import Example, TrainConfig, Trainer
+from hcx_extend.ladder import get_strategy
+from hcx_extend.training import apply_strategy
+from hcx_extend.data.examples import Example
+from hcx_extend.training import TrainConfig, Trainer
 
 
 def tiny(tokenizer, dropout=0.1):
@@ -46,17 +48,17 @@ def trainable_names(model):
 
 def test_strategies_leave_exactly_the_intended_parameters_trainable(tokenizer):
     model = tiny(tokenizer)
-    components = apply_strategy(model, get_strategy("projector"), ["sensor"])
+    components = apply_strategy(model, get_strategy("projector"), ["sensor"]).components
     assert components == ["sensor_projector"]
     assert trainable_names(model) == {n for n, _ in model.named_parameters() if n.startswith("model.sensor_projector.")}
 
-    components = apply_strategy(model, get_strategy("new-encoder"), ["sensor"])
+    components = apply_strategy(model, get_strategy("new-encoder"), ["sensor"]).components
     assert components == ["sensor_model", "sensor_projector"]
     expected = {n for n, _ in model.named_parameters() if n.startswith(("model.sensor_model.", "model.sensor_projector."))}
     assert trainable_names(model) == expected
 
     # Default targets: every modality. Shared modules (image and video share the vision tower) appear once.
-    components = apply_strategy(model, get_strategy("projector"))
+    components = apply_strategy(model, get_strategy("projector")).components
     assert components == ["mm_projector", "audio_projector", "sensor_projector"]
     table = {row["component"]: row for row in trainable_table(model)}
     assert table["language_model"]["trained"] == 0 and table["vision_model"]["trained"] == 0
@@ -165,7 +167,7 @@ def test_checkpoint_holds_only_trained_parameters_and_the_full_config(tokenizer,
 def test_full_fine_tune_of_a_tied_llm_saves_and_loads_back(tokenizer, tmp_path):
     """An LLM whose head shares the embeddings (SmolLM2, most small LLMs) trained in full: the tied
     weight is stored once and both come back, still tied, with the trained values."""
-    from hcx_extend.checkpoint import load_trained, save_checkpoint, save_trained
+    from hcx_extend.runs import load_model, save_run
 
     model = tiny(tokenizer)
     model.config.text_config.tie_word_embeddings = True
@@ -173,14 +175,14 @@ def test_full_fine_tune_of_a_tied_llm_saves_and_loads_back(tokenizer, tmp_path):
     model.language_model.tie_weights()
     embeddings = model.language_model.get_input_embeddings().weight
     assert model.language_model.get_output_embeddings().weight is embeddings
-    save_checkpoint(model, tmp_path / "base")
+    model.save_pretrained(tmp_path / "base")
     with torch.no_grad():
         embeddings.add_(0.25)  # "training" changes the shared weight and the projector
         for parameter in model.model.sensor_projector.parameters():
             parameter.mul_(2.0)
     components = ["language_model", "sensor_model", "sensor_projector"]
-    save_trained(model, tmp_path / "run", base=tmp_path / "base", components=components, strategy="full")
-    loaded, _ = load_trained(tmp_path / "run")
+    save_run(model, tmp_path / "run", base=tmp_path / "base", components=components, strategy="full")
+    loaded, _ = load_model(tmp_path / "run")
     assert loaded.language_model.get_output_embeddings().weight is loaded.language_model.get_input_embeddings().weight
     expected, got = model.state_dict(), loaded.state_dict()
     for key in expected:

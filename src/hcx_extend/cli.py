@@ -1,146 +1,155 @@
-"""The ``hcx-extend`` command. Each sub-command is a thin shell over a library function."""
+"""The ``hcx-extend`` command. Each sub-command parses its arguments, calls library functions and prints.
+
+Errors are one line, ``error: ...``, and exit code 2; ``--debug`` shows the traceback instead.
+"""
 
 from __future__ import annotations
 
 import argparse
-import json
 import sys
+import traceback
 from pathlib import Path
 
+from hcx_extend.checkpoint import extend
+from hcx_extend.checkpoint.modality_file import read_modality_file
+from hcx_extend.data.examples import read_jsonl, read_modality_files
+from hcx_extend.evaluation import evaluate_examples, write_evaluation
+from hcx_extend.inference import Conversation, GenerationSettings
+from hcx_extend.memory.commands import run_estimate, run_plan
+from hcx_extend.presets import imu_modality
+from hcx_extend.processor import OmniProcessor
+from hcx_extend.recipes import activity, sequence, train
+from hcx_extend.runs import load_model, merge_run
+from hcx_extend.summary import describe, model_for_info
 
-def _load_for_info(target: str):
-    """A preset name (built on the meta device) or a checkpoint folder / .gguf file."""
-    from hcx_extend.presets import PRESETS, build_preset
 
-    if target in PRESETS:
-        return build_preset(target, device="meta"), f"{target} (preset, built on the meta device: no weights)"
-    path = Path(target)
-    if path.is_dir() and (path / "config.json").exists():
-        import torch
-        from accelerate import init_empty_weights
-
-        from hcx_extend.checkpoint import read_config_dict
-        from hcx_extend.config import OmniConfig
-        from hcx_extend.model import OmniForCausalLM
-
-        raw = read_config_dict(path)
-        if raw.get("model_type") in ("hcx_omni", "vlm"):
-            with init_empty_weights():
-                model = OmniForCausalLM(OmniConfig(**raw))
-            return model, f"{path} (config only; weights not loaded)"
-    from hcx_extend.checkpoint import build_model_from_tensors, read_source
-
-    source = read_source(path)
-    model, _ = build_model_from_tensors(source.config, source.tensors)
-    return model, f"{path} ({source.kind})"
+class CommandError(Exception):
+    """A mistake in the command line itself (not in the files it names)."""
 
 
 def cmd_info(args: argparse.Namespace) -> int:
-    from hcx_extend.summary import describe
-
-    model, title = _load_for_info(args.target)
+    model, title = model_for_info(args.target)
     print(describe(model, title))
     return 0
 
 
 def cmd_extend(args: argparse.Namespace) -> int:
-    from hcx_extend.checkpoint import extend
-    from hcx_extend.config import ModalityConfig
-    from hcx_extend.presets import sensor_modality
-
-    modalities = [sensor_modality(name) for name in args.add_imu]
-    for file in args.modality:
-        spec = json.loads(Path(file).read_text())
-        modalities.append(ModalityConfig.from_dict(spec["name"], spec))
+    modalities = [imu_modality(name) for name in args.add_imu] + [read_modality_file(f) for f in args.modality]
     if not modalities:
-        print("nothing to add: give --add-imu NAME or --modality FILE.json", file=sys.stderr)
-        return 2
+        raise CommandError("nothing to add: give --add-imu NAME or --modality FILE.json")
     result = extend(args.source, modalities, output_dir=args.output, dtype=args.dtype)
     print(f"read {args.source} as {result.source_kind}")
     print(result.report)
     for m in modalities:
         stored = result.model.config.modality(m.name)
-        print(f"added {m.name}: model.{stored.encoder_module} + model.{stored.projector_module}, token {stored.token} = {stored.token_id}")
+        print(f"added {m.name}: model.{stored.encoder_module} + model.{stored.projector_module}, "
+              f"token {stored.token} = {stored.token_id}")
     print(f"saved to {args.output}")
     return 0
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    from hcx_extend.demo import run_demo
+    if args.task == "sequence":
+        return sequence.run(args)
+    if args.compressor is not None:
+        raise CommandError("--compressor applies to --task sequence only")
+    return activity.run(args)
 
-    return run_demo(args)
+
+def _pairs(values: list[str], option: str) -> dict[str, list[str]]:
+    pairs: dict[str, list[str]] = {}
+    for value in values:
+        name, separator, file = value.partition("=")
+        if not separator or not name or not file:
+            raise CommandError(f"{option} takes NAME=FILE (e.g. {option} imu=walk.csv), got {value!r}")
+        pairs.setdefault(name, []).append(file)
+    return pairs
+
+
+def _rates(values: list[str], names: list[str]) -> dict[str, float]:
+    rates: dict[str, float] = {}
+    for value in values:
+        name, separator, number = value.rpartition("=")
+        targets = [name] if separator else names
+        try:
+            rate = float(number)
+        except ValueError:
+            raise CommandError(f"--rate takes HZ or NAME=HZ, got {value!r}") from None
+        if not rate > 0 or rate == float("inf"):
+            raise CommandError(f"--rate must be a positive number of samples per second, got {value!r}")
+        rates.update({target: rate for target in targets})
+    return rates
 
 
 def cmd_chat(args: argparse.Namespace) -> int:
-    import torch
-
-    from hcx_extend.checkpoint import load_trained
-    from hcx_extend.data.sensors import read_recording, resample
-    from hcx_extend.processor import OmniProcessor
-
-    model, tokenizer = load_trained(args.checkpoint)
+    files = _pairs(args.input, "--input")
+    if args.imu:
+        files.setdefault("imu", []).extend(args.imu)
+    rates = _rates(args.rate, list(files))
+    model, tokenizer = load_model(args.checkpoint, base=args.base)
     if tokenizer is None:
-        raise ValueError(f"{args.checkpoint} has no tokenizer")
-    inputs: dict[str, list] = {}
-    prompt = args.prompt
-    for name, files in (("imu", args.imu),):
-        if not files:
-            continue
-        modality = model.config.modality(name)
-        recordings = [read_recording(f, modality.input.channel_names) for f in files]
-        if args.rate and modality.input.sample_rate:
-            recordings = [resample(r, args.rate, modality.input.sample_rate) for r in recordings]
-        inputs[name] = recordings
-        missing = len(files) - prompt.count(modality.marker)
-        if missing > 0:  # no markers written: the recordings go before the question
-            prompt = " ".join([modality.marker] * missing + [prompt])
+        raise ValueError(f"{args.checkpoint} has no tokenizer; save the LLM's tokenizer beside its weights")
     processor = OmniProcessor(tokenizer, model.config)
-    batch = processor([[{"role": "user", "content": prompt}]], inputs)
-    with torch.no_grad():
-        generated = model.generate(**batch, max_new_tokens=args.max_new_tokens, do_sample=False,
-                                   pad_token_id=tokenizer.pad_token_id or tokenizer.eos_token_id)
-    print(processor.decode(generated[0, batch["input_ids"].shape[1]:]))
+    settings = GenerationSettings(max_new_tokens=args.max_new_tokens, temperature=args.temperature)
+    conversation = Conversation(model, processor, settings, read_modality_files(model.config, files, rates))
+    if args.prompt is not None:
+        print(conversation.ask(args.prompt))
+        return 0
+    print(f"{args.checkpoint} loaded; modalities {sorted(model.config.modalities)}, inputs "
+          f"{ {name: len(items) for name, items in conversation.inputs.items()} or 'none'}. Ask away; an empty line or "
+          "Ctrl-D ends.", flush=True)
+    for line in sys.stdin:
+        if not line.strip():
+            break
+        try:
+            print(conversation.ask(line.strip()), flush=True)
+        except ValueError as error:
+            print(f"error: {error}", flush=True)
     return 0
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    from hcx_extend.training.recipe import run_training
-
-    return run_training(args)
+    return train.run(args)
 
 
 def cmd_merge(args: argparse.Namespace) -> int:
-    from hcx_extend.checkpoint import load_trained
-    from hcx_extend.training.adapters import adapted_components, merge_adapters
-
-    model, tokenizer = load_trained(args.checkpoint)
-    components = adapted_components(model)
-    merged = merge_adapters(model)
-    model.save_pretrained(args.output)
-    if tokenizer is not None:
-        tokenizer.save_pretrained(args.output)
+    merged, components = merge_run(args.checkpoint, args.output, base=args.base)
     print(f"merged {merged} LoRA layers of {components or 'no component'}; plain HCX checkpoint in {args.output}")
     return 0
 
 
-def cmd_estimate(args: argparse.Namespace) -> int:
-    from hcx_extend.memory.commands import run_estimate
+def cmd_evaluate(args: argparse.Namespace) -> int:
+    model, tokenizer = load_model(args.checkpoint, base=args.base)
+    processor = OmniProcessor(tokenizer, model.config)
+    examples = read_jsonl(args.data, model.config)
+    evaluation = evaluate_examples(model, processor, examples, GenerationSettings(max_new_tokens=args.max_new_tokens),
+                                   batch_size=args.batch_size)
+    output = Path(args.output) if args.output else Path(args.checkpoint).parent / "evaluation"
+    written = write_evaluation(evaluation, output, Path(args.data).stem)
+    print(evaluation.report.table())
+    print(f"wrote {', '.join(str(p) for p in written)}")
+    return 0
 
+
+def cmd_estimate(args: argparse.Namespace) -> int:
     return run_estimate(args)
 
 
 def cmd_plan(args: argparse.Namespace) -> int:
-    from hcx_extend.memory.commands import run_plan
-
     return run_plan(args)
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse with one-line errors: ``error: ...`` and exit code 2."""
+
+    def error(self, message: str):
+        self.exit(2, f"error: {message} (see {self.prog} --help)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="hcx-extend",
-        description="Extend HyperCLOVA X omni models with new input modalities.",
-    )
-    commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    parser = _Parser(prog="hcx-extend", description="Extend HyperCLOVA X omni models with new input modalities.")
+    parser.add_argument("--debug", action="store_true", help="show the traceback of an error")
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True, parser_class=_Parser)
 
     info = commands.add_parser("info", help="modules, parameter counts per component and placeholder tokens")
     info.add_argument("target", help="a preset (tiny-hcx-omni, hcx-omni-8b), a checkpoint folder or a .gguf file")
@@ -154,25 +163,41 @@ def build_parser() -> argparse.ArgumentParser:
     ext.add_argument("--dtype", default=None, help="cast weights (float32, bfloat16, float16); default: keep")
     ext.set_defaults(run=cmd_extend)
 
-    chat = commands.add_parser("chat", help="answer a prompt (with IMU recordings) from a saved checkpoint")
-    chat.add_argument("checkpoint", help="a demo/trainer checkpoint folder or a full HCX checkpoint")
-    chat.add_argument("prompt", help='e.g. "What activity is the person doing?"; <imu> marks where recordings go')
-    chat.add_argument("--imu", action="append", default=[], metavar="FILE",
-                      help="an IMU recording (.csv with a header row, .npy, .ts); repeat for several")
-    chat.add_argument("--rate", type=float, default=None, help="sample rate of the files in Hz (resampled to the model's)")
+    chat = commands.add_parser("chat", help="ask a saved model about recordings (any modality); interactive without "
+                               "a prompt")
+    chat.add_argument("checkpoint", help="a run checkpoint, a full HCX checkpoint, an LLM folder or a .gguf file")
+    chat.add_argument("prompt", nargs="?", default=None,
+                      help='e.g. "What activity is the person doing?"; markers such as <imu> say where items go '
+                      "(default: in front). Without a prompt, questions are read from stdin, one per line")
+    chat.add_argument("--input", action="append", default=[], metavar="NAME=FILE",
+                      help="an item of modality NAME (.csv with a header row, .npy, .ts); repeatable")
+    chat.add_argument("--imu", action="append", default=[], metavar="FILE", help="shorthand for --input imu=FILE")
+    chat.add_argument("--rate", action="append", default=[], metavar="[NAME=]HZ",
+                      help="sample rate of the files in Hz; resampled to the modality's rate")
+    chat.add_argument("--base", default=None, help="where a run checkpoint's base model is, if it moved")
     chat.add_argument("--max-new-tokens", type=int, default=32)
+    chat.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
     chat.set_defaults(run=cmd_chat)
 
-    from hcx_extend.training.recipe import add_train_arguments
-
-    train = commands.add_parser("train", help="train with a strategy of the ladder (projector ... full, qlora)")
-    add_train_arguments(train)
-    train.set_defaults(run=cmd_train)
+    tr = commands.add_parser("train", help="train with a strategy of the ladder (projector ... full, qlora)")
+    train.add_arguments(tr)
+    tr.set_defaults(run=cmd_train)
 
     merge = commands.add_parser("merge", help="fold a run's LoRA adapters into a plain HCX checkpoint")
     merge.add_argument("checkpoint", help="a checkpoint folder written by train or demo")
     merge.add_argument("--output", required=True, help="folder for the merged full checkpoint")
+    merge.add_argument("--base", default=None, help="where the run's base model is, if it moved")
     merge.set_defaults(run=cmd_merge)
+
+    ev = commands.add_parser("evaluate", help="exact-match accuracy, per-class precision/recall and a confusion matrix")
+    ev.add_argument("checkpoint", help="any checkpoint load_model reads")
+    ev.add_argument("--data", required=True, help="JSONL examples whose last message is the expected answer")
+    ev.add_argument("--output", default=None, help="folder for evaluation.json and confusion_matrix.png "
+                    "(default: CHECKPOINT/../evaluation)")
+    ev.add_argument("--base", default=None, help="where a run checkpoint's base model is, if it moved")
+    ev.add_argument("--max-new-tokens", type=int, default=16)
+    ev.add_argument("--batch-size", type=int, default=16)
+    ev.set_defaults(run=cmd_evaluate)
 
     est = commands.add_parser("estimate", help="memory a training strategy or inference needs, per component")
     est.add_argument("target", help="a preset (e.g. hcx-omni-8b) or a checkpoint folder; no weights are loaded")
@@ -196,20 +221,38 @@ def build_parser() -> argparse.ArgumentParser:
     plan.add_argument("--quant", default=None, help="nf4 or int8 for the LLM's linear layers")
     plan.set_defaults(run=cmd_plan)
 
-    from hcx_extend.demo import add_demo_arguments
-
     demo = commands.add_parser("demo", help="the IMU activity demo: extend SmolLM2 with an IMU, train, evaluate")
-    add_demo_arguments(demo)
+    demo.add_argument("--task", choices=["activity", "sequence"], default="activity",
+                      help="activity: one recording, one label (default); sequence: long streams, list the activities")
+    demo.add_argument("--compressor", choices=sorted(sequence.COMPRESSORS), default=None,
+                      help="token compressor of the sequence task (default mambamia)")
+    activity.add_arguments(demo)
     demo.set_defaults(run=cmd_demo)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)
+    # argparse gives an optional positional (chat's PROMPT) its empty match before the options that follow
+    # the checkpoint are read; a single string left over is that prompt.
+    if extra and args.command == "chat" and args.prompt is None and len(extra) == 1 and not extra[0].startswith("-"):
+        args.prompt, extra = extra[0], []
+    if extra:
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
     try:
         return args.run(args)
-    except (ValueError, FileNotFoundError) as error:
-        print(f"error: {error}", file=sys.stderr)
+    except KeyboardInterrupt:
+        print("error: interrupted", file=sys.stderr)
+        return 130
+    except Exception as error:  # noqa: BLE001 - the CLI's boundary: one line per error, a traceback on --debug
+        if args.debug:
+            traceback.print_exc()
+        expected = isinstance(error, (CommandError, ValueError, FileNotFoundError, PermissionError, IsADirectoryError,
+                                      NotADirectoryError))
+        message = str(error) if expected else f"{type(error).__name__}: {error} (an unexpected error; rerun with " \
+                                               "--debug for the traceback and report it)"
+        print(f"error: {' '.join(message.split())}", file=sys.stderr)
         return 2
 
 

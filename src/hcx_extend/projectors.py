@@ -47,6 +47,8 @@ def _build_mlp(spec: dict[str, Any], in_features: int, out_features: int) -> nn.
 
 
 _REGISTRY: dict[str, ProjectorBuilder] = {"linear": _build_linear, "mlp": _build_mlp}
+# Settings each built-in type accepts; registered types check their own.
+_SETTINGS = {"linear": {"bias"}, "mlp": {"hidden_size", "activation"}}
 
 
 def register_projector(name: str, builder: ProjectorBuilder, *, replace: bool = False) -> None:
@@ -55,9 +57,29 @@ def register_projector(name: str, builder: ProjectorBuilder, *, replace: bool = 
     _REGISTRY[name] = builder
 
 
-def build_projector(spec: dict[str, Any], in_features: int, out_features: int) -> nn.Module:
-    """A new projector for the modality's ``projector`` dict."""
+def check_projector(spec: dict[str, Any]) -> None:
+    """Raise a ValueError for an unknown projector type or, for the built-in types, bad settings."""
     kind = spec.get("type")
     if kind not in _REGISTRY:
         raise ValueError(f"unknown projector type {kind!r}; registered: {sorted(_REGISTRY)}")
-    return _REGISTRY[kind](spec, in_features, out_features)
+    known = _SETTINGS.get(kind)
+    if known is None:
+        return
+    unknown = set(spec) - known - {"type"}
+    if unknown:
+        raise ValueError(f"{kind} projector: unknown settings {sorted(unknown)}; known: {sorted(known)}")
+    if kind == "mlp":
+        hidden = spec.get("hidden_size")
+        if hidden is not None and (not isinstance(hidden, int) or isinstance(hidden, bool) or hidden < 1):
+            raise ValueError(f"mlp projector: hidden_size must be a positive integer, got {hidden!r}")
+        if spec.get("activation", "gelu") not in _ACTIVATIONS:
+            raise ValueError(f"mlp projector: unknown activation {spec.get('activation')!r}; "
+                             f"choose from {sorted(_ACTIVATIONS)}")
+    if kind == "linear" and not isinstance(spec.get("bias", True), bool):
+        raise ValueError(f"linear projector: bias must be true or false, got {spec.get('bias')!r}")
+
+
+def build_projector(spec: dict[str, Any], in_features: int, out_features: int) -> nn.Module:
+    """A new projector for the modality's ``projector`` dict."""
+    check_projector(spec)
+    return _REGISTRY[spec["type"]](spec, in_features, out_features)

@@ -2,12 +2,20 @@
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
+from accelerate import init_empty_weights
 from torch import nn
 
-from hcx_extend.model import OmniForCausalLM
+from hcx_extend.checkpoint import extend, read_source
+from hcx_extend.config import OmniConfig
+from hcx_extend.layout import read_config_dict
+from hcx_extend.model import OMNI_MODEL_TYPES, OmniForCausalLM
+from hcx_extend.presets import PRESETS, build_preset
+from hcx_extend.units import human_bytes, human_count
 
 
 @dataclass
@@ -53,22 +61,6 @@ def count_components(model: OmniForCausalLM) -> list[ComponentCount]:
     return rows
 
 
-def human_count(count: float) -> str:
-    """1234567 -> '1.23 M'."""
-    for threshold, suffix in ((1e9, "B"), (1e6, "M"), (1e3, "K")):
-        if count >= threshold:
-            return f"{count / threshold:.2f} {suffix}"
-    return f"{count:.0f}"
-
-
-def human_bytes(size: float) -> str:
-    """Decimal units: 1.5e9 -> '1.50 GB'."""
-    for threshold, suffix in ((1e12, "TB"), (1e9, "GB"), (1e6, "MB"), (1e3, "KB")):
-        if abs(size) >= threshold:
-            return f"{size / threshold:.2f} {suffix}"
-    return f"{size:.0f} B"
-
-
 def describe(model: OmniForCausalLM, title: str) -> str:
     """A printable summary: components with parameter counts, then modalities with their tokens."""
     rows = count_components(model)
@@ -97,3 +89,16 @@ def describe(model: OmniForCausalLM, title: str) -> str:
     if model.carried_tensors:
         lines.append(f"carried tensors (not built, kept for saving): {len(model.carried_tensors)}")
     return "\n".join(lines)
+
+
+def model_for_info(target: str | os.PathLike) -> tuple[OmniForCausalLM, str]:
+    """A model to describe and a title: a preset or an omni folder's config (no weights read), else the weights."""
+    if str(target) in PRESETS:
+        return build_preset(str(target), device="meta"), f"{target} (preset, built on the meta device: no weights)"
+    path = Path(target)
+    if path.is_dir() and (path / "config.json").exists() and read_config_dict(path).get("model_type") in OMNI_MODEL_TYPES:
+        with init_empty_weights():
+            model = OmniForCausalLM(OmniConfig(**read_config_dict(path)))
+        return model, f"{path} (config only; weights not loaded)"
+    source = read_source(path)
+    return extend(source, []).model, f"{path} ({source.kind})"

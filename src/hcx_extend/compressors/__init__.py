@@ -1,9 +1,13 @@
 """Token compressors: shorten a modality's embedding stream before it reaches the LLM.
 
-A modality opts in with ``compressor: {"type": ..., "chunk_size": ...}``. Compressors run between
-the projector and the splice on a padded batch ``(items, tokens, hidden)`` with ``lengths`` and
-return ``(items, compressed_tokens, hidden)`` with new lengths; `compressed_length` tells the
-processor how many placeholder tokens to emit.
+A modality opts in with ``compressor: {"type": ..., "chunk_size": ...}``. A compressor module runs
+between the projector and the splice on a padded batch ``(items, tokens, hidden)`` with ``lengths``
+and returns ``(items, compressed_tokens, hidden)`` with new lengths.
+
+Each type is a `CompressorKind` that owns two facts: how to build the module, and how many tokens
+it emits for ``n`` input tokens (`compressed_length`). The processor asks the kind how many
+placeholders to write; the model asks it how many embeddings each item keeps. Nobody else computes
+either.
 
 Built in: ``none`` (identity), ``avgpool`` (mean of each chunk of ``chunk_size`` tokens, padding
 excluded) and ``mambamia`` (the Omni model's learned-query Mamba2 compressor, `compressors.mambamia`).
@@ -13,40 +17,28 @@ Register more with `register_compressor`.
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from typing import Any, Callable
 
-import torch
 from torch import nn
 
-from hcx_extend.encoders.imu import masked_mean_pool
-
-CompressorBuilder = Callable[[dict[str, Any], int], nn.Module]
-
-
-class IdentityCompressor(nn.Module):
-    """Leaves the stream as it is: ``compressed_length(n) == n``."""
-
-    def compressed_length(self, length: int) -> int:
-        return length
-
-    def forward(self, x: torch.Tensor, lengths: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        return x, lengths
+from hcx_extend.compressors.avgpool import AvgPoolCompressor, IdentityCompressor
+from hcx_extend.compressors.mambamia import build_mambamia, mambamia_settings
 
 
-class AvgPoolCompressor(nn.Module):
-    """Mean over each chunk of ``chunk_size`` tokens: ``(items, T, hidden) -> (items, ceil(T / chunk), hidden)``."""
+@dataclass(frozen=True)
+class CompressorKind:
+    """One compressor type.
 
-    def __init__(self, chunk_size: int):
-        super().__init__()
-        self.chunk_size = check_chunk_size(chunk_size)
+    Args:
+        build: ``build(spec, llm_hidden_size) -> nn.Module`` taking ``(x, lengths)`` and returning
+            ``(compressed, new_lengths)``.
+        output_length: ``output_length(spec, tokens) -> int``: tokens the module emits for an item of
+            ``tokens`` tokens. Must agree with the module's ``new_lengths``.
+    """
 
-    def compressed_length(self, length: int) -> int:
-        return math.ceil(length / self.chunk_size)
-
-    def forward(self, x: torch.Tensor, lengths: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        mask = torch.arange(x.shape[1], device=x.device)[None, :] < lengths.to(x.device)[:, None]
-        pooled, pooled_mask = masked_mean_pool(x, mask, self.chunk_size)
-        return pooled, pooled_mask.sum(1)
+    build: Callable[[dict[str, Any], int], nn.Module]
+    output_length: Callable[[dict[str, Any], int], int]
 
 
 def check_chunk_size(chunk_size: Any) -> int:
@@ -55,29 +47,51 @@ def check_chunk_size(chunk_size: Any) -> int:
     return chunk_size
 
 
-def _build_mambamia(spec: dict[str, Any], hidden_size: int) -> nn.Module:
-    # Imported on use: mambamia imports check_chunk_size from this module.
-    from hcx_extend.compressors.mambamia import build_mambamia
+def _avgpool_chunk(spec: dict[str, Any]) -> int:
+    unknown = set(spec) - {"type", "module", "chunk_size"}
+    if unknown:
+        raise ValueError(f"avgpool compressor: unknown settings {sorted(unknown)}; known: ['chunk_size']")
+    return check_chunk_size(spec.get("chunk_size", 25))
 
-    return build_mambamia(spec, hidden_size)
 
-
-_REGISTRY: dict[str, CompressorBuilder] = {
-    "none": lambda spec, hidden: IdentityCompressor(),
-    "avgpool": lambda spec, hidden: AvgPoolCompressor(spec.get("chunk_size", 25)),
-    "mambamia": _build_mambamia,
+_REGISTRY: dict[str, CompressorKind] = {
+    "none": CompressorKind(build=lambda spec, hidden: IdentityCompressor(), output_length=lambda spec, n: n),
+    "avgpool": CompressorKind(
+        build=lambda spec, hidden: AvgPoolCompressor(_avgpool_chunk(spec)),
+        output_length=lambda spec, n: math.ceil(n / _avgpool_chunk(spec)),
+    ),
+    "mambamia": CompressorKind(
+        build=build_mambamia,
+        output_length=lambda spec, n: math.ceil(n / check_chunk_size(mambamia_settings(spec)["chunk_size"])),
+    ),
 }
 
 
-def register_compressor(name: str, builder: CompressorBuilder, *, replace: bool = False) -> None:
+def register_compressor(name: str, kind: CompressorKind, *, replace: bool = False) -> None:
+    """Make ``name`` usable as a modality's ``compressor.type``."""
     if name in _REGISTRY and not replace:
         raise ValueError(f"compressor type {name!r} is already registered; pass replace=True to override it")
-    _REGISTRY[name] = builder
+    _REGISTRY[name] = kind
+
+
+def compressor_kind(spec: dict[str, Any]) -> CompressorKind:
+    kind = spec.get("type")
+    if kind not in _REGISTRY:
+        raise ValueError(f"unknown compressor type {kind!r}; registered: {sorted(_REGISTRY)}")
+    return _REGISTRY[kind]
 
 
 def build_compressor(spec: dict[str, Any], hidden_size: int) -> nn.Module:
     """A new compressor for a modality's ``compressor`` dict, working at ``hidden_size`` (the LLM width)."""
-    kind = spec.get("type")
-    if kind not in _REGISTRY:
-        raise ValueError(f"unknown compressor type {kind!r}; registered: {sorted(_REGISTRY)}")
-    return _REGISTRY[kind](spec, hidden_size)
+    return compressor_kind(spec).build(spec, hidden_size)
+
+
+def compressed_length(spec: dict[str, Any] | None, tokens: int) -> int:
+    """Tokens left of an item of ``tokens`` tokens after the compressor ``spec`` (None: no compressor)."""
+    if spec is None:
+        return tokens
+    return compressor_kind(spec).output_length(spec, tokens)
+
+
+__all__ = ["CompressorKind", "build_compressor", "check_chunk_size", "compressed_length", "compressor_kind",
+           "register_compressor"]

@@ -39,7 +39,6 @@ from typing import Any
 import torch
 from torch import nn
 
-from hcx_extend.compressors import check_chunk_size
 from hcx_extend.compressors.mamba2 import Mamba2Mixer
 
 # Defaults for small LLMs (SmolLM2-135M is 576 wide): the compressor works at the LLM's own width,
@@ -140,7 +139,9 @@ class MambaMiaCompressor(nn.Module):
     def __init__(self, llm_hidden_size: int, chunk_size: int = 25, hidden_size: int | None = None,
                  num_layers: int = 1, **mixer_settings: Any):
         super().__init__()
-        self.chunk_size = check_chunk_size(chunk_size)
+        if not isinstance(chunk_size, int) or isinstance(chunk_size, bool) or chunk_size < 1:
+            raise ValueError(f"mambamia: chunk_size must be an integer >= 1, got {chunk_size!r}")
+        self.chunk_size = chunk_size
         hidden_size = llm_hidden_size if hidden_size is None else hidden_size
         for name, value in (("llm hidden size", llm_hidden_size), ("hidden_size", hidden_size), ("num_layers", num_layers)):
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
@@ -154,9 +155,6 @@ class MambaMiaCompressor(nn.Module):
 
     def reset_parameters(self) -> None:
         nn.init.normal_(self.query_token, std=0.02)
-
-    def compressed_length(self, length: int) -> int:
-        return math.ceil(length / self.chunk_size)
 
     def forward(self, x: torch.Tensor, lengths: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """x ``(items, T, llm_hidden)`` zero- or junk-padded, lengths ``(items,)`` -> ``(items, n, llm_hidden)``, ``(items,)``."""

@@ -29,18 +29,35 @@ def _check_recording(values: np.ndarray, source: str, channels: int | None = Non
     return values.astype(np.float32)
 
 
-def read_csv(path: str | Path, channel_names: Sequence[str] | None = None) -> np.ndarray:
+def read_csv(path: str | Path, channel_names: Sequence[str] | None = None,
+             max_length: int | None = None) -> np.ndarray:
     """Read a CSV whose first row names the channels; returns ``(time, channels)`` float32.
+
+    Rows are read one at a time: a file longer than ``max_length`` steps is refused as soon as the
+    limit is passed, without reading the rest.
 
     Args:
         channel_names: columns to return, in this order (extra columns are ignored). None = all columns.
+        max_length: the most time steps accepted (None = no limit).
+
+    Raises:
+        ValueError: naming the file (and line and column) for anything malformed.
     """
     path = Path(path)
-    with path.open(newline="") as handle:
-        rows = list(csv.reader(handle))
-    if not rows:
+    try:
+        with path.open(newline="", encoding="utf-8") as handle:
+            return _parse_csv(csv.reader(handle), path, channel_names, max_length)
+    except UnicodeDecodeError as error:
+        raise ValueError(f"{path}: not UTF-8 text ({error.reason} at byte {error.start}); save the CSV as UTF-8") from None
+    except csv.Error as error:
+        raise ValueError(f"{path}: malformed CSV ({error})") from None
+
+
+def _parse_csv(reader, path: Path, channel_names: Sequence[str] | None, max_length: int | None) -> np.ndarray:
+    header_row = next(reader, None)
+    if header_row is None:
         raise ValueError(f"{path}: empty file; expected a header row of channel names")
-    header = [name.strip() for name in rows[0]]
+    header = [name.strip() for name in header_row]
     if channel_names is not None:
         missing = [name for name in channel_names if name not in header]
         if missing:
@@ -49,11 +66,14 @@ def read_csv(path: str | Path, channel_names: Sequence[str] | None = None) -> np
     else:
         columns = list(range(len(header)))
     data = []
-    for line, row in enumerate(rows[1:], start=2):
+    for line, row in enumerate(reader, start=2):
         if not any(cell.strip() for cell in row):
             continue
         if len(row) != len(header):
             raise ValueError(f"{path}: line {line} has {len(row)} cells, the header has {len(header)}")
+        if max_length is not None and len(data) >= max_length:
+            raise ValueError(f"{path}: longer than the maximum of {max_length} time steps (line {line}); split it "
+                             "into windows (hcx_extend.data.sensors.window) or raise the modality's input.max_length")
         values = []
         for column in columns:
             cell = row[column].strip()
@@ -73,15 +93,23 @@ def write_csv(path: str | Path, values: np.ndarray, channel_names: Sequence[str]
         writer.writerows([f"{v:.6g}" for v in row] for row in np.asarray(values))
 
 
-def read_npy(path: str | Path) -> np.ndarray:
-    """Read a ``(time, channels)`` array from ``.npy`` (pickled objects are refused)."""
+def read_npy(path: str | Path, max_length: int | None = None) -> np.ndarray:
+    """Read a ``(time, channels)`` array from ``.npy`` (pickled objects are refused).
+
+    The header is read first: an array longer than ``max_length`` steps is refused before its data is.
+    """
     try:
-        values = np.load(path, allow_pickle=False)
-    except ValueError as error:
+        values = np.load(path, allow_pickle=False, mmap_mode="r")
+    except FileNotFoundError:
+        raise FileNotFoundError(f"{path} does not exist") from None
+    except (ValueError, OSError, EOFError) as error:
         raise ValueError(f"{path}: not a plain numeric .npy file ({error})") from None
-    if not np.issubdtype(values.dtype, np.number):
-        raise ValueError(f"{path}: expected numbers, got dtype {values.dtype}")
-    return _check_recording(values, str(path))
+    if not np.issubdtype(values.dtype, np.number) or np.issubdtype(values.dtype, np.complexfloating):
+        raise ValueError(f"{path}: expected real numbers, got dtype {values.dtype}")
+    if max_length is not None and values.ndim >= 1 and values.shape[0] > max_length:
+        raise ValueError(f"{path}: {values.shape[0]} time steps, more than the maximum of {max_length}; split it "
+                         "into windows (hcx_extend.data.sensors.window) or raise the modality's input.max_length")
+    return _check_recording(np.array(values), str(path))
 
 
 def read_ts(path: str | Path) -> tuple[list[np.ndarray], list[str] | None]:
@@ -97,20 +125,30 @@ def read_ts(path: str | Path) -> tuple[list[np.ndarray], list[str] | None]:
     return recordings, (None if y is None else [str(label) for label in y])
 
 
-def read_recording(path: str | Path, channel_names: Sequence[str] | None = None) -> np.ndarray:
-    """One recording from ``.csv`` or ``.npy`` (``.ts`` files hold several: use `read_ts`)."""
+def read_recording(path: str | Path, channel_names: Sequence[str] | None = None,
+                   max_length: int | None = None) -> np.ndarray:
+    """One recording from ``.csv`` or ``.npy`` (``.ts`` files hold several: use `read_ts`).
+
+    Args:
+        channel_names: CSV columns to read, in order (None = all).
+        max_length: refuse recordings longer than this many steps, before reading them whole.
+    """
     path = Path(path)
     if not path.exists():
         raise FileNotFoundError(f"{path} does not exist")
+    if not path.is_file():
+        raise ValueError(f"{path} is not a file")
     suffix = path.suffix.lower()
     if suffix == ".csv":
-        return read_csv(path, channel_names)
+        return read_csv(path, channel_names, max_length)
     if suffix == ".npy":
-        return read_npy(path)
+        return read_npy(path, max_length)
     if suffix == ".ts":
         recordings, _ = read_ts(path)
         if len(recordings) != 1:
             raise ValueError(f"{path}: holds {len(recordings)} recordings; pass one, or read them with read_ts")
+        if max_length is not None and len(recordings[0]) > max_length:
+            raise ValueError(f"{path}: {len(recordings[0])} time steps, more than the maximum of {max_length}")
         return recordings[0]
     raise ValueError(f"{path}: unsupported file type {suffix!r}; use .csv (header row), .npy or .ts")
 

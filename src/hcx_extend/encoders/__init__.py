@@ -8,6 +8,10 @@ a modality whose ``encoder.model_type`` is ``"my_type"`` then works without mode
 from __future__ import annotations
 
 from hcx_extend.encoders.base import ModalityEncoder
+from hcx_extend.encoders.imu import IMUModalityEncoder
+from hcx_extend.encoders.imu_guide import GuideIMUModalityEncoder
+from hcx_extend.encoders.qwen_audio import QwenAudioEncoder
+from hcx_extend.encoders.qwen_vision import QwenVisionEncoder
 
 _REGISTRY: dict[str, ModalityEncoder] = {}
 
@@ -32,18 +36,9 @@ def registered_encoders() -> list[str]:
     return sorted(_REGISTRY)
 
 
-def _register_builtins() -> None:
-    from hcx_extend.encoders.imu import IMUModalityEncoder
-    from hcx_extend.encoders.imu_guide import GuideIMUModalityEncoder
-    from hcx_extend.encoders.qwen_audio import QwenAudioEncoder
-    from hcx_extend.encoders.qwen_vision import QwenVisionEncoder
-
-    register_encoder("imu", IMUModalityEncoder())
-    register_encoder("imu_guide", GuideIMUModalityEncoder())
-    register_encoder("qwen2_5_vl_vision", QwenVisionEncoder())
-    register_encoder("qwen2_audio_encoder", QwenAudioEncoder())
-
-
-_register_builtins()
+register_encoder("imu", IMUModalityEncoder())
+register_encoder("imu_guide", GuideIMUModalityEncoder())
+register_encoder("qwen2_5_vl_vision", QwenVisionEncoder())
+register_encoder("qwen2_audio_encoder", QwenAudioEncoder())
 
 __all__ = ["ModalityEncoder", "get_encoder", "register_encoder", "registered_encoders"]

@@ -40,6 +40,31 @@ class ModalityEncoder(ABC):
     def default_contract(self, config: dict[str, Any]) -> InputContract:
         """The `InputContract` implied by the encoder config when the modality does not set one."""
 
+    def resolve_contract(self, modality: ModalityConfig) -> InputContract:
+        """Check the encoder settings and return the modality's input contract, filled and checked.
+
+        An unset contract becomes `default_contract`; unset fields of a given one (channels, max_length,
+        sample_rate) are taken from it. A contract that disagrees with the encoder (another kind, another
+        channel count) is a ValueError naming both, so a bad modality file fails when it is read, not
+        deep inside the encoder's first forward.
+        """
+        default = self.default_contract(modality.encoder)
+        given = modality.input
+        if given is None:
+            return default
+        if given.kind != default.kind:
+            raise ValueError(f"{modality.name}: input.kind is {given.kind!r} but a {modality.encoder['model_type']!r} "
+                             f"encoder takes {default.kind!r} inputs")
+        if given.channels is not None and default.channels is not None and given.channels != default.channels:
+            raise ValueError(
+                f"{modality.name}: input.channels is {given.channels} but the encoder takes {default.channels}; "
+                "make input.channels and the encoder's channel setting agree"
+            )
+        for key in ("channels", "max_length", "sample_rate"):
+            if getattr(given, key) is None:
+                setattr(given, key, getattr(default, key))
+        return given
+
     @abstractmethod
     def collate(self, items: list[Any], modality: ModalityConfig) -> dict[str, torch.Tensor]:
         """Validate raw items and pack them into the batch dict `encode` takes."""
@@ -105,6 +130,8 @@ def check_length(length: int, modality: ModalityConfig, index: int | None = None
 
 
 def check_finite(tensor: torch.Tensor, modality: ModalityConfig, what: str = "input") -> None:
+    if tensor.device.type == "meta":
+        return  # shapes only (memory estimates): there are no values to check
     if tensor.is_floating_point() and not torch.isfinite(tensor).all():
         bad = (~torch.isfinite(tensor)).sum().item()
         raise ValueError(f"{modality.name}: {what} holds {bad} NaN/Inf value(s); clean or impute them first")

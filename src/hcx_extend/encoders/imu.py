@@ -35,6 +35,7 @@ from hcx_extend.encoders.base import (
     check_length,
     check_rank,
 )
+from hcx_extend.pooling import masked_mean_pool
 
 IMU_DEFAULTS: dict[str, Any] = {
     "in_channels": 6,
@@ -117,21 +118,6 @@ def sinusoidal_positions(length: int, width: int, device: torch.device, dtype: t
     return table.to(dtype)
 
 
-def masked_mean_pool(x: torch.Tensor, mask: torch.Tensor, stride: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Average every ``stride`` consecutive valid steps.
-
-    x ``(batch, time, hidden)``, mask ``(batch, time)`` -> ``(batch, ceil(time / stride), hidden)`` and the
-    pooled mask. A window's mean counts only its valid steps, so padding never leaks in.
-    """
-    batch, time, hidden = x.shape
-    pad = (-time) % stride
-    x = F.pad(x * mask[..., None], (0, 0, 0, pad))
-    mask = F.pad(mask, (0, pad))
-    sums = x.view(batch, -1, stride, hidden).sum(2)
-    counts = mask.view(batch, -1, stride).sum(2)
-    return sums / counts.clamp(min=1)[..., None].to(x.dtype), counts > 0
-
-
 class IMUEncoder(nn.Module):
     """Conv1d -> (masked mean pooling) -> (sinusoidal positions) -> Transformer layers -> LayerNorm -> Linear.
 
@@ -192,6 +178,31 @@ class IMUEncoder(nn.Module):
         return features, mask.sum(1)
 
 
+_POSITIVE_INTS = ("in_channels", "hidden_size", "num_heads", "ffn_size", "output_size", "stride", "kernel_size",
+                  "max_length")
+
+
+def check_imu_settings(settings: dict[str, Any]) -> None:
+    """Types and ranges of the IMU encoder's settings, checked before any module is built."""
+    for key in _POSITIVE_INTS:
+        value = settings[key]
+        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+            raise ValueError(f"imu encoder: {key} must be a positive integer, got {value!r}")
+    layers = settings["num_layers"]
+    if not isinstance(layers, int) or isinstance(layers, bool) or layers < 0:
+        raise ValueError(f"imu encoder: num_layers must be an integer >= 0, got {layers!r}")
+    dropout = settings["dropout"]
+    if not isinstance(dropout, (int, float)) or isinstance(dropout, bool) or not 0 <= dropout < 1:
+        raise ValueError(f"imu encoder: dropout must be a number in [0, 1), got {dropout!r}")
+    if settings["positions"] not in ("none", "sinusoidal"):
+        raise ValueError(f"imu encoder: positions must be 'none' or 'sinusoidal', got {settings['positions']!r}")
+    if settings["kernel_size"] % 2 == 0:
+        raise ValueError(f"imu encoder: kernel_size must be odd, got {settings['kernel_size']}")
+    if settings["hidden_size"] % settings["num_heads"]:
+        raise ValueError(f"imu encoder: hidden_size {settings['hidden_size']} is not divisible by num_heads "
+                         f"{settings['num_heads']}")
+
+
 class IMUModalityEncoder(ModalityEncoder):
     """Items are ``(time, channels)`` arrays; batches are ``{"values": (n, time, channels), "lengths": (n,)}``."""
 
@@ -202,7 +213,9 @@ class IMUModalityEncoder(ModalityEncoder):
         unknown = set(config) - set(IMU_DEFAULTS) - {"model_type"}
         if unknown:
             raise ValueError(f"imu encoder: unknown settings {sorted(unknown)}; known: {sorted(IMU_DEFAULTS)}")
-        return {**IMU_DEFAULTS, **{k: v for k, v in config.items() if k != "model_type"}}
+        settings = {**IMU_DEFAULTS, **{k: v for k, v in config.items() if k != "model_type"}}
+        check_imu_settings(settings)
+        return settings
 
     def build(self, config: dict[str, Any]) -> nn.Module:
         settings = self.settings(config)
@@ -263,5 +276,7 @@ class IMUModalityEncoder(ModalityEncoder):
 
     def encode(self, module: nn.Module, batch: dict[str, torch.Tensor], modality: ModalityConfig) -> list[torch.Tensor]:
         parameter = next(module.parameters())
-        features, lengths = module(batch["values"].to(parameter.device, parameter.dtype), batch["lengths"])
-        return [features[i, : int(n)] for i, n in enumerate(lengths.tolist())]
+        features, _ = module(batch["values"].to(parameter.device, parameter.dtype), batch["lengths"])
+        # Token counts from the batch's lengths, not from the module's output: they are known on the host
+        # without a device sync (and on the meta device, where tensors hold no values).
+        return [features[i, :n] for i, n in enumerate(self.token_counts(batch, modality))]

@@ -42,7 +42,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
 from hcx_extend.config import ModalityConfig
-from hcx_extend.model import OmniForCausalLM, compressor_module_name
+from hcx_extend.model import OmniForCausalLM
 
 META = torch.device("meta")
 
@@ -415,7 +415,7 @@ def _encode(model: OmniForCausalLM, modality: ModalityConfig, workload: Workload
     projector = getattr(model.model, modality.projector_module)
     weight = next(projector.parameters())
     projected = projector(torch.cat([features.reshape(items * tokens, width)]).to(weight.dtype))
-    compressor_name = compressor_module_name(modality)
+    compressor_name = modality.compressor_module
     if compressor_name is not None:
         compressor = getattr(model.model, compressor_name)
         padded = projected.view(items, tokens, -1)

@@ -10,21 +10,24 @@ import argparse
 from pathlib import Path
 
 from hcx_extend.config import OmniConfig
+from hcx_extend.ladder import STRATEGIES
+from hcx_extend.layout import read_config_dict
+from hcx_extend.memory.activations import Workload
+from hcx_extend.memory.device_map import plan_device_map
+from hcx_extend.memory.estimate import INFERENCE, estimate_memory, weight_footprint
+from hcx_extend.presets import PRESETS, preset_config
+from hcx_extend.units import human_bytes, human_count, parse_dtype
 
-# The extension guide's training table (REFERENCE.md §2), printed beside ours.
+# The extension guide's training table (docs/extension-guide.md), printed beside ours.
 GUIDE_TABLE = {"projector": "~4 GB", "lora-encoder": "~8 GB", "lora-all": "~16 GB", "full": "80 GB+"}
 
 
 def target_config(target: str) -> tuple[OmniConfig, str]:
     """The `OmniConfig` of a preset name or a checkpoint folder, and a label for printing."""
-    from hcx_extend.presets import PRESETS, preset_config
-
     if target in PRESETS:
         return preset_config(target), f"{target} (preset)"
     path = Path(target)
     if path.is_dir() and (path / "config.json").exists():
-        from hcx_extend.checkpoint import read_config_dict
-
         return OmniConfig(**read_config_dict(path)), str(path)
     raise ValueError(
         f"{target!r} is neither a preset ({', '.join(sorted(PRESETS))}) nor a folder with config.json; "
@@ -34,10 +37,6 @@ def target_config(target: str) -> tuple[OmniConfig, str]:
 
 def run_estimate(args: argparse.Namespace) -> int:
     """Print the per-component estimate for ``args.strategy`` (``all``: every strategy and inference)."""
-    from hcx_extend.memory.activations import Workload
-    from hcx_extend.memory.estimate import INFERENCE, estimate_memory, parse_dtype
-    from hcx_extend.training.strategies import STRATEGIES
-
     config, label = target_config(args.target)
     strategies = [*STRATEGIES, INFERENCE] if args.strategy == "all" else [args.strategy]
     workload = Workload(batch=args.batch, seq=args.seq)
@@ -73,8 +72,6 @@ def _precision(estimate) -> str:
 
 def summary_table(estimates) -> str:
     """One line per strategy: trained parameters, bytes per kind, peak, and the guide's figure."""
-    from hcx_extend.summary import human_count
-
     lines = [f"{'strategy':<13} {'trained':>18} {'weights':>9} {'grad+opt':>9} {'activ.':>9} {'peak':>9} "
              f"{'peak-frozen':>11} {'guide':>8}   (GB; peak-frozen = peak without the frozen weights)"]
     for e in estimates:
@@ -91,13 +88,10 @@ def summary_table(estimates) -> str:
 
 def footprint_lines(config: OmniConfig, dtype) -> str:
     """Whole-model weight bytes in ``dtype``, int8 and nf4 (LLM Linear layers quantised, head kept)."""
-    from hcx_extend.memory.estimate import weight_footprint
 
     full = weight_footprint(config, dtype)
     int8 = weight_footprint(config, dtype, "int8")
     nf4 = weight_footprint(config, dtype, "nf4")
-    from hcx_extend.summary import human_bytes
-
     name = str(dtype).replace("torch.", "")
     return (f"weights of the whole model: {name} {human_bytes(full)}, LLM linears int8 {human_bytes(int8)}, "
             f"LLM linears nf4 {human_bytes(nf4)} (embeddings, head, norms, encoders and projectors stay {name})")
@@ -105,8 +99,6 @@ def footprint_lines(config: OmniConfig, dtype) -> str:
 
 def run_plan(args: argparse.Namespace) -> int:
     """Print the device plan for ``args.budget`` under ``args.policy``."""
-    from hcx_extend.memory.device_map import plan_device_map
-
     config, label = target_config(args.target)
     if not args.budget:
         raise ValueError("give at least one --budget DEVICE=SIZE (e.g. --budget cuda:0=24GB --budget cpu=64GB)")

@@ -35,38 +35,22 @@ from typing import Iterable
 import torch
 from torch import nn
 
+from accelerate import init_empty_weights, load_checkpoint_and_dispatch
+
 from hcx_extend.config import OmniConfig
-from hcx_extend.model import OmniForCausalLM, compressor_module_name
+from hcx_extend.layout import read_config_dict, safetensors_files
+from hcx_extend.memory.estimate import meta_twin
+from hcx_extend.memory.quantize import check_method, quantizable_linears, quantized_weight_bytes
+from hcx_extend.model import OmniForCausalLM
+from hcx_extend.units import human_bytes, parse_dtype, parse_size
 
 POLICIES = ("auto", "encoders-on-cpu")
 LLM = "model.language_model"
 LAYER_PREFIX = f"{LLM}.model.layers."
-_UNITS = {"b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
-          "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}
 _DEVICE = re.compile(r"cuda:(\d+)|cpu|disk")
 
 
 # ---------------------------------------------------------------------------------------- budgets
-def parse_size(size: int | float | str, device: str = "budget") -> int:
-    """``"24GB"`` -> 24_000_000_000; ``"1.5GiB"`` -> 1_610_612_736; ints/floats are bytes.
-
-    Raises:
-        ValueError: for negative or unparsable sizes, naming ``device``.
-    """
-    if isinstance(size, bool):
-        raise ValueError(f"{device}: size must be bytes or like '24GB', got {size!r}")
-    if isinstance(size, (int, float)):
-        value = float(size)
-    else:
-        match = re.fullmatch(r"\s*(-?\d+(?:\.\d+)?)\s*([kmgt]?i?b)?\s*", str(size).lower())
-        if not match or (match.group(2) or "b") not in _UNITS:
-            raise ValueError(f"{device}: cannot read size {size!r}; write it like 24GB, 512MiB or 1500000000")
-        value = float(match.group(1)) * _UNITS[match.group(2) or "b"]
-    if value < 0:
-        raise ValueError(f"{device}: budget must not be negative, got {size!r}")
-    return int(value)
-
-
 def parse_budgets(budgets: dict[str, int | float | str] | Iterable[str]) -> dict[str, int]:
     """Budgets as ``{device: bytes}``, ordered fastest first (cuda:0, cuda:1, ..., cpu, disk).
 
@@ -125,8 +109,6 @@ def _tensor_bytes(name: str, tensor: torch.Tensor, dtype: torch.dtype, quantized
 
 def placement_units(model: OmniForCausalLM, dtype: torch.dtype = torch.bfloat16, quant: str | None = None) -> list[Unit]:
     """The model's placement units in forward order with their bytes in ``dtype`` / ``quant``."""
-    from hcx_extend.memory.quantize import check_method, quantizable_linears, quantized_weight_bytes
-
     quantized = {}
     if check_method(quant):
         for name, linear in quantizable_linears(model.language_model):
@@ -146,7 +128,7 @@ def placement_units(model: OmniForCausalLM, dtype: torch.dtype = torch.bfloat16,
     placed_modality_modules: set[str] = set()
     for modality in model.config.modalities.values():
         for module, role in ((modality.encoder_module, "encoder"), (modality.projector_module, "projector"),
-                             (compressor_module_name(modality), "compressor")):
+                             (modality.compressor_module, "compressor")):
             if module is None or module in placed_modality_modules:
                 continue
             placed_modality_modules.add(module)
@@ -219,8 +201,6 @@ class DevicePlan:
 
     def table(self) -> str:
         """Devices with their units, bytes used and budget."""
-        from hcx_extend.summary import human_bytes
-
         lines = [f"policy {self.policy}", f"{'device':<8} {'used':>11} {'budget':>11} {'reserve':>10}  units"]
         for device, budget in self.budgets.items():
             units = [u for u, d in self.placements if d == device]
@@ -275,8 +255,6 @@ def plan_device_map(
         ValueError: unknown policy or device, bad sizes, an executing device that cannot hold one
             decoder layer, or budgets that cannot hold the model.
     """
-    from hcx_extend.memory.estimate import meta_twin, parse_dtype
-
     if policy not in POLICIES:
         raise ValueError(f"unknown policy {policy!r}; choose from {list(POLICIES)}")
     dtype = parse_dtype(dtype)
@@ -397,11 +375,6 @@ def dispatch_checkpoint(
         ValueError: neither plan nor budgets, or a disk plan without ``offload_folder``.
         FileNotFoundError: no config.json / safetensors weights.
     """
-    from accelerate import init_empty_weights, load_checkpoint_and_dispatch
-
-    from hcx_extend.checkpoint import read_config_dict, safetensors_files
-    from hcx_extend.memory.estimate import parse_dtype
-
     directory = Path(checkpoint)
     safetensors_files(directory)  # raises a clear FileNotFoundError when there are none
     config = OmniConfig(**read_config_dict(directory))

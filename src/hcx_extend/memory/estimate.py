@@ -22,11 +22,12 @@ add one dequantised weight matrix (bitsandbytes dequantises before each matmul).
 fused attention kernels (flash / memory-efficient SDPA): no ``(L, L)`` attention matrix is kept.
 
 LoRA parameters are counted from module shapes: ``r * (in + out)`` per adapted Linear. Which Linear
-layers are adapted is decided by the trainer's own rule, `hcx_extend.training.lora_targets`
+layers are adapted is decided by the trainer's own rule, `hcx_extend.lora_targets`
 ("attention": every Linear directly inside a module whose class name contains "Attention": q/k/v/o
 in the LLM and the IMU encoder, q/k/v/out_proj in the audio tower, the fused ``qkv`` and ``proj`` in
-the vision tower). As `apply_strategy` does, an encoder named in ``fresh`` (initialised, not
-pretrained) is trained in full instead of adapted.
+the vision tower). What is trained comes from `hcx_extend.ladder.plan_strategy`, the plan
+`apply_strategy` executes: an encoder named in ``fresh`` (initialised, not pretrained) is trained in
+full instead of adapted.
 """
 
 from __future__ import annotations
@@ -47,24 +48,14 @@ from hcx_extend.memory.activations import (
     trace_prefill,
     trace_training_step,
 )
+from hcx_extend.ladder import STRATEGIES, LoraSpec, Strategy, get_strategy, plan_strategy
+from hcx_extend.lora_targets import resolve_lora_targets
 from hcx_extend.memory.quantize import check_method, quantizable_linears, quantized_weight_bytes
 from hcx_extend.model import OmniForCausalLM
-from hcx_extend.training.lora_targets import resolve_lora_targets
-from hcx_extend.training.strategies import STRATEGIES, LoraSpec, Strategy, trainable_components
+from hcx_extend.units import human_bytes, human_count, parse_dtype
 
 INFERENCE = "inference"
-DTYPES = {"bf16": torch.bfloat16, "bfloat16": torch.bfloat16, "fp16": torch.float16, "float16": torch.float16,
-          "fp32": torch.float32, "float32": torch.float32}
 LLM_ROWS = ("language_model.embed_tokens", "language_model.layers", "language_model.lm_head")
-
-
-def parse_dtype(dtype: torch.dtype | str) -> torch.dtype:
-    """``"bf16"``, ``"fp16"``, ``"fp32"`` (or their long names, or a torch dtype) -> torch dtype."""
-    if isinstance(dtype, torch.dtype):
-        return dtype
-    if dtype not in DTYPES:
-        raise ValueError(f"unknown dtype {dtype!r}; use bf16, fp16 or fp32")
-    return DTYPES[dtype]
 
 
 @dataclass
@@ -126,8 +117,6 @@ class MemoryEstimate:
 
     def table(self) -> str:
         """A printable per-component table with totals and the peak."""
-        from hcx_extend.summary import human_bytes, human_count
-
         scale, unit = (1e9, "GB") if max(row.total for row in self.rows) >= 1e9 else (1e6, "MB")
 
         def gb(value: int) -> str:
@@ -176,30 +165,11 @@ def meta_twin(model_or_config: OmniForCausalLM | OmniConfig, dtype: torch.dtype)
 
 def resolve_strategy(strategy: str | Strategy) -> Strategy | None:
     """A `Strategy`, or None for ``"inference"``."""
-    if isinstance(strategy, Strategy):
-        return strategy
     if strategy == INFERENCE:
         return None
-    if strategy not in STRATEGIES:
+    if isinstance(strategy, str) and strategy not in STRATEGIES:
         raise ValueError(f"unknown strategy {strategy!r}; choose from {[*STRATEGIES, INFERENCE]}")
-    return STRATEGIES[strategy]
-
-
-def _trained_components(twin: OmniForCausalLM, strategy: Strategy, modalities: list[str],
-                        fresh: set[str]) -> tuple[list[str], list[tuple[str, LoraSpec]]]:
-    """Components trained in full and ``(component, spec)`` adapted with LoRA, as `apply_strategy` decides."""
-    full: list[str] = []
-    adapted: list[tuple[str, LoraSpec]] = []
-    if strategy.encoder_lora is not None:
-        for encoder in dict.fromkeys(twin.config.modality(m).encoder_module for m in modalities):
-            if encoder in fresh:
-                full.append(encoder)  # nothing pretrained to adapt
-            else:
-                adapted.append((encoder, strategy.encoder_lora))
-    if strategy.llm_lora is not None:
-        adapted.append(("language_model", strategy.llm_lora))
-    full += trainable_components(twin, strategy, modalities)
-    return list(dict.fromkeys(full)), adapted
+    return get_strategy(strategy)
 
 
 def _lora_targets(twin: OmniForCausalLM, adapted: list[tuple[str, LoraSpec]]) -> list[tuple[str, LoraSpec, nn.Linear]]:
@@ -266,7 +236,8 @@ def estimate_memory(
     lora: list[tuple[str, LoraSpec, nn.Linear]] = []
     emulations: list[LoraEmulation] = []
     if resolved is not None:
-        full, adapted = _trained_components(twin, resolved, modalities, set(fresh))
+        plan = plan_strategy(twin.config, resolved, modalities, fresh)
+        full, adapted = plan.full, list(plan.adapted)
         for component in full:
             module = getattr(twin.model, component)
             module.to(trained_dtype)
@@ -294,17 +265,12 @@ def estimate_memory(
 
 
 def _set_train_mode(twin: OmniForCausalLM, gradient_checkpointing: bool) -> None:
-    """Training mode for components that learn (dropout on), eval for frozen ones, as `set_train_mode`."""
-    from hcx_extend.training.strategies import frozen
-
-    twin.train()
-    for _, module in twin.model.named_children():
-        if frozen(module):
-            module.eval()
+    """The modes the trainer sets: training for components that learn, eval for frozen ones."""
     if gradient_checkpointing:
-        llm = twin.language_model
-        llm.activation_checkpointing_enable()
-        llm.train()  # transformers only checkpoints layers in training mode
+        twin.language_model.activation_checkpointing_enable()
+    twin.set_train_mode()
+    if gradient_checkpointing:
+        twin.language_model.train()  # transformers only checkpoints layers in training mode
 
 
 def _weight_rows(twin, trained_names, lora, quant, dtype, trained_dtype) -> list[ComponentMemory]:

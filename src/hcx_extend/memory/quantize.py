@@ -31,6 +31,8 @@ from typing import Iterable
 import torch
 from torch import nn
 
+from hcx_extend.units import human_bytes
+
 QUANT_METHODS = ("nf4", "int8")
 NF4_BLOCK = 64
 NESTED_BLOCK = 256
@@ -95,8 +97,6 @@ class QuantizationReport:
         return self.linear_bytes_after / max(self.linear_bytes_before, 1)
 
     def __str__(self) -> str:
-        from hcx_extend.summary import human_bytes
-
         return (
             f"{self.method}: {len(self.replaced)} linear layers quantised; their weights "
             f"{human_bytes(self.linear_bytes_before)} -> {human_bytes(self.linear_bytes_after)} "

@@ -30,6 +30,8 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
+from hcx_extend.units import parse_size
+
 _ALIGN = 256  # bytes; every tensor in a flat buffer starts on this boundary
 
 
@@ -145,8 +147,6 @@ class LayerStreamer:
 
     def __init__(self, model: nn.Module, device: str | torch.device, *, budget: int | str | None = None,
                  resident_layers: int | None = None, slots: int = 2, prefetch: bool = True, pin: bool | None = None):
-        from hcx_extend.memory.device_map import parse_size
-
         if (budget is None) == (resident_layers is None):
             raise ValueError("give exactly one of budget (device bytes for the weights) or resident_layers")
         if slots < 1:

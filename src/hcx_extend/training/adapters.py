@@ -18,10 +18,11 @@ import os
 from pathlib import Path
 
 import torch
+from safetensors.torch import load_file, save_file
 from torch import nn
 
-from hcx_extend.training.lora_targets import resolve_lora_targets
-from hcx_extend.training.strategies import LoraSpec
+from hcx_extend.ladder import LoraSpec
+from hcx_extend.lora_targets import resolve_lora_targets
 
 ADAPTER_NAME = "default"
 PEFT_PREFIX = "base_model.model."
@@ -78,7 +79,6 @@ def adapted_components(model) -> list[str]:
 def save_adapters(model, directory: str | os.PathLike) -> list[Path]:
     """Write every component's adapter in peft's format under ``directory/adapters/<component>``."""
     from peft import get_peft_model_state_dict
-    from safetensors.torch import save_file
 
     written = []
     for component, config in getattr(model, "lora_configs", {}).items():
@@ -95,7 +95,6 @@ def save_adapters(model, directory: str | os.PathLike) -> list[Path]:
 def load_adapters(model, directory: str | os.PathLike) -> list[str]:
     """Inject and fill the adapters saved by `save_adapters` in ``directory``; returns their components."""
     from peft import LoraConfig, inject_adapter_in_model, set_peft_model_state_dict
-    from safetensors.torch import load_file
 
     root = Path(directory) / "adapters"
     if not root.is_dir():

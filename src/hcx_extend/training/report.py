@@ -1,9 +1,12 @@
-"""What a run trains, printed before it starts: parameters per component (count, MB, % of all)."""
+"""What a run trains and how it went: parameters per component before it starts, the loss curve after."""
 
 from __future__ import annotations
 
+import os
+from pathlib import Path
+
 from hcx_extend.model import OmniForCausalLM
-from hcx_extend.summary import human_bytes
+from hcx_extend.units import human_bytes
 
 
 def trainable_table(model: OmniForCausalLM) -> list[dict]:
@@ -35,3 +38,28 @@ def trainable_report(model: OmniForCausalLM, title: str = "trainable parameters"
     lines.append(f"{'total':<20} {trained:>14,} {total:>14,} {trained_bytes / 1e6:>10.2f} {100 * trained / total:>8.3f}%")
     lines.append(f"trained weights {human_bytes(trained_bytes)}; with AdamW state and gradients about {human_bytes(4 * trained_bytes)}")
     return "\n".join(lines)
+
+
+def write_loss_curve(path: str | os.PathLike, history: list[dict], title: str) -> Path:
+    """A PNG of the training loss per step and the validation loss per evaluation (log scale)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    steps = [h["step"] for h in history if "loss" in h]
+    losses = [h["loss"] for h in history if "loss" in h]
+    evals = [h for h in history if "eval_loss" in h]
+    figure, axis = plt.subplots(figsize=(6, 4))
+    axis.plot(steps, losses, label="training loss (per step)")
+    if evals:
+        axis.plot([h["step"] for h in evals], [h["eval_loss"] for h in evals], "o-", label="validation loss")
+    axis.set_xlabel("step")
+    axis.set_ylabel("cross-entropy on the answer tokens")
+    axis.set_yscale("log")
+    axis.legend()
+    axis.set_title(title)
+    figure.tight_layout()
+    figure.savefig(path, dpi=120)
+    plt.close(figure)
+    return Path(path)

@@ -25,7 +25,7 @@ import math
 import os
 import sys
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
@@ -34,10 +34,16 @@ from accelerate import Accelerator, DistributedDataParallelKwargs
 from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
-from hcx_extend.model import IGNORE_INDEX, OmniForCausalLM
+from hcx_extend.config import IGNORE_INDEX
+from hcx_extend.data.examples import Example
+from hcx_extend.ladder import get_strategy
+from hcx_extend.memory.activations import Workload
+from hcx_extend.memory.estimate import estimate_memory
+from hcx_extend.model import OmniForCausalLM
 from hcx_extend.processor import OmniProcessor
 from hcx_extend.training.report import trainable_report
-from hcx_extend.training.strategies import apply_strategy, get_strategy, set_train_mode
+from hcx_extend.training.strategies import apply_strategy
+from hcx_extend.units import human_bytes
 
 RNG_KEY = "__rng_state__"
 # Settings a resumed run must share with the run it continues.
@@ -46,19 +52,11 @@ RESUME_KEYS = ("strategy", "modalities", "epochs", "batch_size", "learning_rate"
 
 
 @dataclass
-class Example:
-    """One training sample: a chat ending with the assistant's answer, and its modality items."""
-
-    messages: list[dict[str, str]]
-    inputs: dict[str, list[Any]] = field(default_factory=dict)
-
-
-@dataclass
 class TrainConfig:
     """Settings of a run.
 
     Args:
-        strategy: a name from `hcx_extend.training.strategies.STRATEGIES`.
+        strategy: a name from `hcx_extend.ladder.STRATEGIES`.
         modalities: modalities the strategy trains (None = all).
         epochs / batch_size: passes over the data and samples per optimiser step (global).
         learning_rate / weight_decay / warmup_steps / min_lr_ratio: AdamW with linear warm-up then
@@ -174,7 +172,8 @@ class Trainer:
         )
         self.log = log or (lambda line: self.accelerator.print(line))
         self.strategy = get_strategy(config.strategy)
-        self.components = apply_strategy(model, self.strategy, config.modalities)
+        self.plan = apply_strategy(model, self.strategy, config.modalities)
+        self.components = self.plan.components
         self.model = model
         self.parameters = {name: p for name, p in model.named_parameters() if p.requires_grad}
         if not self.parameters:
@@ -282,10 +281,6 @@ class Trainer:
 
     def _memory_report(self) -> str:
         """The estimator's per-component bytes (weights, gradients, optimiser state, activations) for this run."""
-        from hcx_extend.memory.activations import Workload
-        from hcx_extend.memory.estimate import estimate_memory
-        from hcx_extend.summary import human_bytes
-
         model = self.accelerator.unwrap_model(self.model)
         world, micro = self.accelerator.num_processes, self.config.gradient_accumulation_steps
         per_pass = max(1, self.config.batch_size // (world * micro))
@@ -309,7 +304,7 @@ class Trainer:
 
     def _train_step(self, indices: list[int]) -> float:
         """One optimiser step on the global batch ``indices``; returns its mean loss per answer token."""
-        set_train_mode(self.accelerator.unwrap_model(self.model))
+        self.accelerator.unwrap_model(self.model).set_train_mode()
         world, rank = self.accelerator.num_processes, self.accelerator.process_index
         micro = self.config.gradient_accumulation_steps
         size = math.ceil(len(indices) / micro)
@@ -322,7 +317,6 @@ class Trainer:
         total = self.accelerator.reduce(torch.tensor(float(sum(tokens)), device=self.accelerator.device), reduction="sum")
         loss_sum = torch.zeros((), device=self.accelerator.device)
         for number, (batch, count) in enumerate(zip(batches, tokens)):
-            batch = {k: _to_device(v, self.accelerator.device) for k, v in batch.items()}
             last = number == len(batches) - 1
             with contextlib.nullcontext() if last else self.accelerator.no_sync(self.model):
                 output = self.model(**batch, logits_to_keep="labels", use_cache=False)
@@ -440,14 +434,6 @@ class Trainer:
             best.pop(RNG_KEY)
             self.best_state = best
         torch.set_rng_state(rng)
-
-
-def _to_device(value: Any, device: torch.device) -> Any:
-    if isinstance(value, torch.Tensor):
-        return value.to(device)
-    if isinstance(value, dict):
-        return {k: _to_device(v, device) for k, v in value.items()}
-    return value
 
 
 def _jsonable(value: Any) -> Any:

@@ -1,0 +1,61 @@
+"""A modality described in a JSON file (``hcx-extend extend --modality FILE``, ``train --modality-file FILE``).
+
+The file holds one `ModalityConfig` as a JSON object::
+
+    {"name": "vowel", "encoder": {"model_type": "imu", "in_channels": 12, "stride": 2},
+     "projector": {"type": "mlp", "activation": "silu"},
+     "input": {"kind": "sensor", "channels": 12, "max_length": 64, "sample_rate": 100}}
+
+Everything is checked when the file is read: field names and types, the encoder's settings, the
+projector and compressor types, and that the input contract agrees with the encoder (channels, kind).
+Every error names the file.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from hcx_extend.compressors import compressed_length
+from hcx_extend.config import ModalityConfig
+from hcx_extend.encoders import get_encoder
+from hcx_extend.layout import read_json
+from hcx_extend.projectors import check_projector
+
+
+def check_modality(modality: ModalityConfig) -> ModalityConfig:
+    """Check a modality's encoder, projector and compressor settings without building anything.
+
+    Fills the modality's input contract from its encoder (as building the model would).
+
+    Raises:
+        ValueError: the first setting that is wrong, named.
+    """
+    encoder = get_encoder(modality.encoder["model_type"])
+    modality.input = encoder.resolve_contract(modality)
+    encoder.output_size(modality.encoder)
+    check_projector(modality.projector)
+    if modality.compressor is not None:
+        compressed_length(modality.compressor, 1)
+    return modality
+
+
+def read_modality_file(path: str | os.PathLike) -> ModalityConfig:
+    """The checked `ModalityConfig` in a JSON file (format in the module docstring).
+
+    Raises:
+        FileNotFoundError: no such file.
+        ValueError: ``"<path>: <what is wrong>"``.
+    """
+    path = Path(path)
+    data = read_json(path)
+    if not isinstance(data, dict):
+        raise ValueError(f"{path}: expected a JSON object describing one modality, got {type(data).__name__}")
+    if not isinstance(data.get("name"), str):
+        raise ValueError(f"{path}: needs a 'name' (a lower-case identifier such as \"imu\")")
+    if "encoder" not in data:
+        raise ValueError(f"{path}: needs an 'encoder' with a 'model_type' (e.g. {{\"model_type\": \"imu\"}})")
+    try:
+        return check_modality(ModalityConfig.from_dict(data["name"], data))
+    except (TypeError, ValueError, KeyError) as error:
+        raise ValueError(f"{path}: {error}") from None

@@ -1,0 +1,122 @@
+"""Examples: a chat plus the modality items it refers to; read from JSONL files or built in code.
+
+A JSONL file holds one example per line::
+
+    {"messages": [{"role": "user", "content": "<imu> What is the person doing?"},
+                  {"role": "assistant", "content": "walking"}],
+     "inputs": {"imu": ["recordings/walk_01.csv"]}}
+
+Paths are relative to the JSONL file. Sensor files are ``.csv`` (a header row naming the channels),
+``.npy`` or ``.ts``; other modalities read ``.npy`` arrays. Requests name files only here, in data
+the user controls; the HTTP server never reads files a request names.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+
+from hcx_extend.config import OmniConfig
+from hcx_extend.data.sensors import read_npy, read_recording, resample
+
+
+@dataclass
+class Example:
+    """One sample: a chat (ending with the assistant's answer for training) and its modality items."""
+
+    messages: list[dict[str, str]]
+    inputs: dict[str, list[Any]] = field(default_factory=dict)
+
+    @property
+    def answer(self) -> str | None:
+        """The final assistant message, if the chat ends with one."""
+        last = self.messages[-1] if self.messages else None
+        return last["content"] if last and last.get("role") == "assistant" else None
+
+    @property
+    def prompt(self) -> list[dict[str, str]]:
+        """The chat without its final assistant answer (what a model is asked)."""
+        return self.messages[:-1] if self.answer is not None else list(self.messages)
+
+
+def read_modality_files(config: OmniConfig, files: dict[str, Sequence[str | os.PathLike]],
+                        rates: dict[str, float] | None = None) -> dict[str, list[np.ndarray]]:
+    """Modality items from files: ``{"imu": ["walk.csv"]}`` -> ``{"imu": [array (time, channels)]}``.
+
+    Sensor files are read with the modality's channel names, refused beyond its ``max_length``
+    without being read whole, and resampled from ``rates[name]`` (samples per second) to the
+    modality's rate when both are known. Other kinds read ``.npy`` arrays.
+
+    Raises:
+        ValueError / FileNotFoundError: naming the file and what is wrong; an unknown modality; a rate <= 0.
+    """
+    rates = rates or {}
+    items: dict[str, list[np.ndarray]] = {}
+    for name, paths in files.items():
+        modality = config.modality(name)
+        rate = rates.get(name)
+        if rate is not None and (isinstance(rate, bool) or not isinstance(rate, (int, float)) or not rate > 0):
+            raise ValueError(f"{name}: the sample rate must be a positive number of samples per second, got {rate!r}")
+        contract = modality.input
+        loaded = []
+        for path in paths:
+            if contract is not None and contract.kind == "sensor":
+                limit = contract.max_length
+                if rate and contract.sample_rate and limit:
+                    limit = int(np.ceil(limit * rate / contract.sample_rate))  # in the file's own steps
+                values = read_recording(path, contract.channel_names, max_length=limit)
+                if rate and contract.sample_rate:
+                    values = resample(values, rate, contract.sample_rate)
+            else:
+                values = read_npy(path)
+            loaded.append(values)
+        items[name] = loaded
+    return items
+
+
+def read_jsonl(path: str | os.PathLike, config: OmniConfig) -> list[Example]:
+    """The examples of a JSONL file (format in the module docstring).
+
+    Raises:
+        ValueError: naming the file and line for malformed lines, unknown modalities or bad items.
+    """
+    path = Path(path)
+    try:
+        lines = path.read_text(encoding="utf-8").splitlines()
+    except FileNotFoundError:
+        raise FileNotFoundError(f"{path} does not exist") from None
+    except UnicodeDecodeError as error:
+        raise ValueError(f"{path}: not UTF-8 text ({error.reason})") from None
+    examples = []
+    for number, line in enumerate(lines, start=1):
+        if not line.strip():
+            continue
+        where = f"{path}:{number}"
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as error:
+            raise ValueError(f"{where}: not JSON ({error})") from None
+        if not isinstance(record, dict) or not isinstance(record.get("messages"), list) or not record["messages"]:
+            raise ValueError(f"{where}: needs 'messages' (a non-empty list of {{'role', 'content'}}) and optionally "
+                             "'inputs'")
+        for message in record["messages"]:
+            if (not isinstance(message, dict) or not isinstance(message.get("role"), str)
+                    or not isinstance(message.get("content"), str)):
+                raise ValueError(f"{where}: every message needs a string 'role' and a string 'content', got {message!r}")
+        files = record.get("inputs", {})
+        if not isinstance(files, dict) or not all(
+                isinstance(v, list) and all(isinstance(f, str) for f in v) for v in files.values()):
+            raise ValueError(f"{where}: 'inputs' must map modality names to lists of file names, got {files!r}")
+        try:
+            inputs = read_modality_files(config, {name: [path.parent / f for f in names] for name, names in files.items()})
+        except (ValueError, FileNotFoundError) as error:
+            raise type(error)(f"{where}: {error}") from None
+        examples.append(Example(record["messages"], inputs))
+    if not examples:
+        raise ValueError(f"{path} holds no examples")
+    return examples
