@@ -10,6 +10,7 @@ cells, empty recordings, NaN/Inf.
 from __future__ import annotations
 
 import csv
+import io
 from pathlib import Path
 from typing import Sequence
 
@@ -53,7 +54,25 @@ def read_csv(path: str | Path, channel_names: Sequence[str] | None = None,
         raise ValueError(f"{path}: malformed CSV ({error})") from None
 
 
-def _parse_csv(reader, path: Path, channel_names: Sequence[str] | None, max_length: int | None) -> np.ndarray:
+def parse_csv_text(text: str, source: str = "csv", channel_names: Sequence[str] | None = None,
+                   max_length: int | None = None) -> np.ndarray:
+    """`read_csv` on text already in memory (an upload); ``source`` names it in error messages."""
+    try:
+        return _parse_csv(csv.reader(io.StringIO(text, newline="")), source, channel_names, max_length)
+    except csv.Error as error:
+        raise ValueError(f"{source}: malformed CSV ({error})") from None
+
+
+def parse_npy_bytes(data: bytes, source: str = "npy", max_length: int | None = None) -> np.ndarray:
+    """`read_npy` on bytes already in memory (an upload); pickled objects are refused."""
+    try:
+        values = np.load(io.BytesIO(data), allow_pickle=False)
+    except (ValueError, OSError, EOFError) as error:
+        raise ValueError(f"{source}: not a plain numeric .npy file ({error})") from None
+    return _check_npy(values, source, max_length)
+
+
+def _parse_csv(reader, path: Path | str, channel_names: Sequence[str] | None, max_length: int | None) -> np.ndarray:
     header_row = next(reader, None)
     if header_row is None:
         raise ValueError(f"{path}: empty file; expected a header row of channel names")
@@ -104,12 +123,18 @@ def read_npy(path: str | Path, max_length: int | None = None) -> np.ndarray:
         raise FileNotFoundError(f"{path} does not exist") from None
     except (ValueError, OSError, EOFError) as error:
         raise ValueError(f"{path}: not a plain numeric .npy file ({error})") from None
+    return _check_npy(values, str(path), max_length)
+
+
+def _check_npy(values: np.ndarray, source: str, max_length: int | None) -> np.ndarray:
+    if not isinstance(values, np.ndarray):
+        raise ValueError(f"{source}: expected one array, got {type(values).__name__}")
     if not np.issubdtype(values.dtype, np.number) or np.issubdtype(values.dtype, np.complexfloating):
-        raise ValueError(f"{path}: expected real numbers, got dtype {values.dtype}")
+        raise ValueError(f"{source}: expected real numbers, got dtype {values.dtype}")
     if max_length is not None and values.ndim >= 1 and values.shape[0] > max_length:
-        raise ValueError(f"{path}: {values.shape[0]} time steps, more than the maximum of {max_length}; split it "
+        raise ValueError(f"{source}: {values.shape[0]} time steps, more than the maximum of {max_length}; split it "
                          "into windows (hcx_extend.data.sensors.window) or raise the modality's input.max_length")
-    return _check_recording(np.array(values), str(path))
+    return _check_recording(np.array(values), source)
 
 
 def read_ts(path: str | Path) -> tuple[list[np.ndarray], list[str] | None]:
