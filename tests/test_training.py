@@ -4,9 +4,6 @@ import pytest
 import torch
 
 from hcx_extend import OmniProcessor, align_tokens, build_preset
-from hcx_extend.training.report import trainable_table
-from hcx_extend.ladder import get_strategy
-from hcx_extend.training import apply_strategy
 from hcx_extend.data.examples import Example
 from hcx_extend.training import TrainConfig, Trainer
 
@@ -40,32 +37,6 @@ def examples(count=12, seed=0):
         out.append(Example([{"role": "user", "content": "<sensor> which way?"},
                             {"role": "assistant", "content": label}], {"sensor": [values]}))
     return out
-
-
-def trainable_names(model):
-    return {n for n, p in model.named_parameters() if p.requires_grad}
-
-
-def test_strategies_leave_exactly_the_intended_parameters_trainable(tokenizer):
-    model = tiny(tokenizer)
-    components = apply_strategy(model, get_strategy("projector"), ["sensor"]).components
-    assert components == ["sensor_projector"]
-    assert trainable_names(model) == {n for n, _ in model.named_parameters() if n.startswith("model.sensor_projector.")}
-
-    components = apply_strategy(model, get_strategy("new-encoder"), ["sensor"]).components
-    assert components == ["sensor_model", "sensor_projector"]
-    expected = {n for n, _ in model.named_parameters() if n.startswith(("model.sensor_model.", "model.sensor_projector."))}
-    assert trainable_names(model) == expected
-
-    # Default targets: every modality. Shared modules (image and video share the vision tower) appear once.
-    components = apply_strategy(model, get_strategy("projector")).components
-    assert components == ["mm_projector", "audio_projector", "sensor_projector"]
-    table = {row["component"]: row for row in trainable_table(model)}
-    assert table["language_model"]["trained"] == 0 and table["vision_model"]["trained"] == 0
-    assert table["sensor_projector"]["trained"] == table["sensor_projector"]["parameters"] > 0
-
-    with pytest.raises(ValueError, match="unknown strategy 'lora-everything'"):
-        get_strategy("lora-everything")
 
 
 def test_training_lowers_the_loss_and_touches_only_trainable_parameters(tokenizer):
