@@ -209,10 +209,21 @@ class OmniForCausalLM(PreTrainedModel, GenerationMixin):
                 layer.training = True
 
     def resize_vocab(self, size: int) -> None:
-        """Grow the LLM's embeddings (and untied head) to ``size`` rows; existing rows stay bit-identical."""
-        if size < self.get_input_embeddings().num_embeddings:
-            raise ValueError(f"cannot shrink the vocabulary from {self.get_input_embeddings().num_embeddings} to {size}")
-        self.language_model.resize_token_embeddings(size, mean_resizing=True)
+        """Grow the LLM's embeddings (and untied head) to ``size`` rows; existing rows stay bit-identical.
+
+        New rows are the mean of the existing rows: deterministic (a checkpoint that does not store the
+        embeddings rebuilds the same rows on every load) and, for a head, a logit no larger than average.
+        """
+        old = self.get_input_embeddings().num_embeddings
+        if size < old:
+            raise ValueError(f"cannot shrink the vocabulary from {old} to {size}")
+        self.language_model.resize_token_embeddings(size, mean_resizing=False)
+        with torch.no_grad():
+            for module in {id(m): m for m in (self.get_input_embeddings(), self.get_output_embeddings())
+                           if m is not None}.values():
+                weight = module.weight
+                if weight.shape[0] == size and weight.device.type != "meta":
+                    weight[old:] = weight[:old].float().mean(0).to(weight.dtype)
         self.config.text_config.vocab_size = size
 
     def _init_weights(self, module: nn.Module) -> None:

@@ -33,7 +33,7 @@ from typing import Any, Iterable
 import torch
 from safetensors.torch import save_file
 
-from hcx_extend.checkpoint import extend, load_tokenizer, read_source
+from hcx_extend.checkpoint import cached_source, extend, load_tokenizer
 from hcx_extend.config import OmniConfig
 from hcx_extend.ladder import get_strategy
 from hcx_extend.layout import (
@@ -184,7 +184,7 @@ def load_model(path: str | os.PathLike, *, base: str | os.PathLike | None = None
     path = Path(path)
     if path.is_dir() and (path / RUN_FILE).exists():
         return _load_run(path, base, dtype)
-    source = read_source(path)
+    source = cached_source(path)
     if source.kind == "omni":
         model, _ = OmniForCausalLM.from_folder(path, dtype=dtype)
         return model, source.tokenizer
@@ -202,7 +202,7 @@ def _load_run(directory: Path, base: str | os.PathLike | None, dtype) -> tuple[O
         raise ValueError(f"{directory}/config.json: {error}") from None
     if not (directory / TRAINED_FILE).exists():
         raise ValueError(f"{directory} lacks {TRAINED_FILE}; the run checkpoint is incomplete")
-    source = read_source(find_base(directory, run, base))
+    source = cached_source(find_base(directory, run, base))
     tokenizer = load_tokenizer(directory) or source.tokenizer
     new = [m for name, m in config.modalities.items() if name not in source.config.modalities]
     model = extend(source, new, tokenizer=tokenizer, dtype=dtype).model

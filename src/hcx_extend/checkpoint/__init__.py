@@ -4,6 +4,7 @@
   file, described as an `OmniConfig` plus a stream of HCX-layout tensors.
 * `extend` (extend.py): add modalities to a source; existing weights unchanged, new modules fresh.
 * `load_checkpoint`: a complete HCX-layout omni folder and its `LoadReport`.
+* `cached_source` (cache.py): `read_source` through a converted copy of a ``.gguf`` file (read once).
 
 The file format itself (key layout, shards, atomic writes) is `hcx_extend.layout`; filling a model
 from tensors is `hcx_extend.weights`.
@@ -15,6 +16,7 @@ import os
 
 import torch
 
+from hcx_extend.checkpoint.cache import cached_source
 from hcx_extend.checkpoint.extend import Extended, extend
 from hcx_extend.checkpoint.sources import Source, load_tokenizer, read_source
 from hcx_extend.model import OmniForCausalLM
@@ -27,4 +29,4 @@ def load_checkpoint(path: str | os.PathLike, *, dtype: torch.dtype | str | None 
     return OmniForCausalLM.from_folder(path, dtype=dtype, strict=strict)
 
 
-__all__ = ["Extended", "LoadReport", "Source", "extend", "load_checkpoint", "load_tokenizer", "read_source"]
+__all__ = ["Extended", "LoadReport", "Source", "cached_source", "extend", "load_checkpoint", "load_tokenizer", "read_source"]

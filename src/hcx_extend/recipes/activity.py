@@ -24,7 +24,7 @@ from pathlib import Path
 
 import torch
 
-from hcx_extend.checkpoint import extend
+from hcx_extend.checkpoint import cached_source, extend
 from hcx_extend.data.basic_motions import (
     ACTIVITIES,
     CHANNELS,
@@ -92,7 +92,7 @@ def run(args: argparse.Namespace) -> int:
     base = Path(args.llm) if args.llm else smollm2_gguf_path()
     overrides = {"stride": args.stride} if args.stride else {}
     torch.manual_seed(args.seed)
-    extended = extend(base, [imu_modality("imu", **overrides)])
+    extended = extend(cached_source(base), [imu_modality("imu", **overrides)])
     model, tokenizer = extended.model, extended.tokenizer
     loaded = time.perf_counter() - started
     log(f"    {base} loaded in {loaded:.1f} s")

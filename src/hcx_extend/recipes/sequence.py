@@ -33,7 +33,7 @@ from typing import Any, Callable
 import numpy as np
 import torch
 
-from hcx_extend.checkpoint import extend
+from hcx_extend.checkpoint import cached_source, extend
 from hcx_extend.config import ModalityConfig
 from hcx_extend.data.examples import Example
 from hcx_extend.data.long_sequence import (
@@ -121,7 +121,7 @@ def train_and_test(
     log(f"1/5 loading the LLM and adding an imu modality with the {compressor} compressor")
     base = Path(llm) if llm else smollm2_gguf_path()
     torch.manual_seed(seed)
-    extended = extend(base, [sequence_modality(compressor, settings["stride"])])
+    extended = extend(cached_source(base), [sequence_modality(compressor, settings["stride"])])
     model, tokenizer = extended.model, extended.tokenizer
     loaded = time.perf_counter() - started
 

@@ -24,7 +24,7 @@ from pathlib import Path
 
 import torch
 
-from hcx_extend.checkpoint import extend, read_source
+from hcx_extend.checkpoint import cached_source, extend
 from hcx_extend.checkpoint.modality_file import read_modality_file
 from hcx_extend.data.basic_motions import activity_chat, load_basic_motions, parse_activity, stratified_split
 from hcx_extend.data.examples import Example, read_jsonl
@@ -78,7 +78,7 @@ def run(args: argparse.Namespace) -> int:
 
     # 1. the model
     torch.manual_seed(args.seed)
-    source = read_source(base)
+    source = cached_source(base)
     new = [imu_modality(name) for name in imu_names] + from_files
     result = extend(source, [m for m in new if m.name not in source.config.modalities])
     model, tokenizer = result.model, result.tokenizer
