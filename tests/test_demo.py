@@ -1,12 +1,14 @@
 """The main job end to end on the real LLM and data (one short epoch), and chat on its checkpoint."""
 
+import io
 import json
 
 import numpy as np
 import pytest
 
 from hcx_extend.cli import main
-from hcx_extend.data.basic_motions import load_basic_motions
+from hcx_extend.data.basic_motions import load_basic_motions, parse_activity
+from hcx_extend.presets import smollm2_gguf_path
 
 
 @pytest.fixture(scope="module")
@@ -23,6 +25,8 @@ def test_demo_writes_metrics_plots_and_a_checkpoint(demo_run):
     assert metrics["test_correct"] == np.trace(np.array(metrics["confusion"]["matrix"])[:, :4])
     assert metrics["steps"] == 4  # 32 training recordings (8 held out for validation), batch 8, one epoch
     assert metrics["best_validation"]["eval_accuracy"] is not None
+    assert sorted(p.name for p in (demo_run / "recordings").iterdir()) == [
+        "badminton.csv", "running.csv", "standing.csv", "walking.csv"]
     for name in ("loss_curve.png", "confusion_matrix.png"):
         assert (demo_run / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert (demo_run / "checkpoint" / "trainable.safetensors").exists()
@@ -40,4 +44,33 @@ def test_chat_answers_from_the_demo_checkpoint_like_the_demo(demo_run, tmp_path,
     assert answer == expected
     # A plain text prompt works too.
     assert main(["chat", str(demo_run / "checkpoint"), "--max-new-tokens", "8", "What is the capital of France?"]) == 0
+    assert "paris" in capsys.readouterr().out.lower()
+
+
+def test_the_readme_chat_line_works_as_written(demo_run, capsys):
+    """README: hcx-extend chat runs/imu-demo/checkpoint --imu runs/imu-demo/recordings/walking.csv "What activity ..." """
+    recording = demo_run / "recordings" / "walking.csv"
+    assert recording.read_text().splitlines()[0] == "acc_x,acc_y,acc_z,gyro_x,gyro_y,gyro_z"
+    capsys.readouterr()
+    assert main(["chat", str(demo_run / "checkpoint"), "--imu", str(recording), "What activity is the person doing?"]) == 0
+    answer = capsys.readouterr().out.strip()
+    # The demo's own evaluation asked the same question about the same (first walking) test recording.
+    index = load_basic_motions("test").labels.index("walking")
+    expected = json.loads((demo_run / "evaluation.json").read_text())["examples"][index]["answer"]
+    assert parse_activity(answer) == parse_activity(expected)
+
+
+def test_interactive_chat_keeps_the_model_loaded(demo_run, monkeypatch, capsys):
+    monkeypatch.setattr("sys.stdin", io.StringIO("What activity is the person doing?\nAnd now?\n\n"))
+    recording = demo_run / "recordings" / "running.csv"
+    capsys.readouterr()
+    assert main(["chat", str(demo_run / "checkpoint"), "--imu", str(recording), "--max-new-tokens", "6"]) == 0
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert lines[0].startswith(f"{demo_run / 'checkpoint'} loaded; modalities ['imu'], inputs {{'imu': 1}}")
+    assert len(lines) == 3 and all(line.startswith("assistant:") for line in lines[1:])  # one answer per question
+
+
+def test_any_checkpoint_kind_chats_the_embedded_llm_included(capsys):
+    capsys.readouterr()
+    assert main(["chat", str(smollm2_gguf_path()), "--max-new-tokens", "8", "What is the capital of France?"]) == 0
     assert "paris" in capsys.readouterr().out.lower()

@@ -6,6 +6,7 @@ Errors are one line, ``error: ...``, and exit code 2; ``--debug`` shows the trac
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import traceback
 from pathlib import Path
@@ -102,7 +103,7 @@ def cmd_chat(args: argparse.Namespace) -> int:
         if not line.strip():
             break
         try:
-            print(conversation.ask(line.strip()), flush=True)
+            print(f"assistant: {conversation.ask(line.strip())}", flush=True)
         except ValueError as error:
             print(f"error: {error}", flush=True)
     return 0
@@ -137,6 +138,22 @@ def cmd_estimate(args: argparse.Namespace) -> int:
 
 def cmd_plan(args: argparse.Namespace) -> int:
     return run_plan(args)
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    try:  # fastapi and uvicorn come with the optional serve extra
+        from hcx_extend.serve import ServeOptions, default_model_name, run_server
+    except ImportError as error:
+        raise CommandError(f"hcx-extend serve needs the serve extra ({error}); install it with "
+                           "pip install 'hcx-extend[serve]' (scripts/setup.sh does)") from None
+    options = ServeOptions(
+        host=args.host, port=args.port, api_key=args.api_key or os.environ.get("HCX_EXTEND_API_KEY") or None,
+        model_name=args.model_name or default_model_name(args.checkpoint), max_batch_size=args.max_batch_size,
+        batch_window_s=args.batch_window_ms / 1000, max_queue=args.max_queue, max_body_bytes=args.max_body_bytes,
+        max_tokens_limit=args.max_tokens_limit, default_max_tokens=args.default_max_tokens,
+        request_timeout_s=args.request_timeout)
+    run_server(args.checkpoint, options, base=args.base, log_level=args.log_level)
+    return 0
 
 
 class _Parser(argparse.ArgumentParser):
@@ -220,6 +237,31 @@ def build_parser() -> argparse.ArgumentParser:
     plan.add_argument("--dtype", default="bf16", help="weight dtype (default bf16)")
     plan.add_argument("--quant", default=None, help="nf4 or int8 for the LLM's linear layers")
     plan.set_defaults(run=cmd_plan)
+
+    serve = commands.add_parser("serve", help="an OpenAI-compatible chat-completions server for sensor inputs, "
+                                "with a page at /")
+    serve.add_argument("checkpoint", help="any checkpoint load_model reads (run checkpoint, HCX folder, LLM, .gguf)")
+    serve.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
+    serve.add_argument("--port", type=int, default=8000, help="TCP port (default 8000)")
+    serve.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY' on /v1/* (default: "
+                       "$HCX_EXTEND_API_KEY, else no key)")
+    serve.add_argument("--base", default=None, help="where a run checkpoint's base model is, if it moved")
+    serve.add_argument("--model-name", default=None, help="the model id clients name (default: the checkpoint's "
+                       "folder, or its run's folder for .../checkpoint)")
+    serve.add_argument("--max-batch-size", type=int, default=32, help="requests generated together (default 32)")
+    serve.add_argument("--batch-window-ms", type=float, default=10.0,
+                       help="how long to collect requests into a batch after the first arrives (default 10)")
+    serve.add_argument("--max-queue", type=int, default=128, help="requests waiting before 429 (default 128)")
+    serve.add_argument("--max-body-bytes", type=int, default=8 * 1024 * 1024,
+                       help="largest request body before 413 (default 8 MiB)")
+    serve.add_argument("--max-tokens-limit", type=int, default=1024, help="the most max_tokens a request may ask "
+                       "for (default 1024)")
+    serve.add_argument("--default-max-tokens", type=int, default=128, help="answer length when a request does "
+                       "not say (default 128)")
+    serve.add_argument("--request-timeout", type=float, default=300.0,
+                       help="seconds before an unanswered request gets 504, queueing included (default 300)")
+    serve.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
+    serve.set_defaults(run=cmd_serve)
 
     demo = commands.add_parser("demo", help="the IMU activity demo: extend SmolLM2 with an IMU, train, evaluate")
     demo.add_argument("--task", choices=["activity", "sequence"], default="activity",
