@@ -10,12 +10,19 @@ from transformers import LlamaConfig, LlamaForCausalLM
 from hcx_extend import OmniForCausalLM
 from hcx_extend.runs import load_model
 from hcx_extend.cli import main
+from tiny_tokenizer import make_tokenizer
 
 CHANNELS = ["acc_x", "acc_y", "acc_z", "gyro_x", "gyro_y", "gyro_z"]
 
 
 @pytest.fixture
-def workspace(tmp_path, tokenizer):
+def workspace(tmp_path):
+    return make_workspace(tmp_path)
+
+
+def make_workspace(tmp_path):
+    """A tiny Llama with the test tokenizer, and JSONL train/eval data of 6-channel .npy recordings."""
+    tokenizer = make_tokenizer()
     torch.manual_seed(0)
     llm = LlamaForCausalLM(LlamaConfig(vocab_size=300, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
                                        num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True))
