@@ -152,7 +152,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         batch_window_s=args.batch_window_ms / 1000, max_queue=args.max_queue, max_body_bytes=args.max_body_bytes,
         max_tokens_limit=args.max_tokens_limit, default_max_tokens=args.default_max_tokens,
         request_timeout_s=args.request_timeout)
-    run_server(args.checkpoint, options, base=args.base, log_level=args.log_level)
+    run_server(args.checkpoint, options, base=args.base, threads=args.threads, log_level=args.log_level)
     return 0
 
 
@@ -260,6 +260,8 @@ def build_parser() -> argparse.ArgumentParser:
                        "not say (default 128)")
     serve.add_argument("--request-timeout", type=float, default=300.0,
                        help="seconds before an unanswered request gets 504, queueing included (default 300)")
+    serve.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: one per core; fewer "
+                       "is faster on a CPU shared with other processes)")
     serve.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
     serve.set_defaults(run=cmd_serve)
 
