@@ -9,6 +9,7 @@ import torch.nn.functional as F
 from hcx_extend.compressors import build_compressor
 from hcx_extend.compressors.mamba2 import Mamba2Mixer
 from hcx_extend.compressors.mambamia import MambaMiaCompressor
+from hcx_extend.compressors import mamba2, ssd
 from hcx_extend.compressors.ssd import ssd_scan, ssd_scan_pure
 
 
@@ -50,9 +51,68 @@ def test_pure_scan_equals_the_step_by_step_recurrence_in_float32(block_len):
     assert (got.double() - exact).abs().max().item() < 1e-5
 
 
-def test_scan_without_mamba_ssm_or_cuda_is_the_pure_scan():
+def test_scan_longer_than_a_saved_state_segment_and_its_gradients_equal_the_recurrence():
+    """Several recomputed segments (STATE_EVERY positions each) of several blocks: values and gradients."""
+    length = 2 * ssd.STATE_EVERY + 37
+    inputs = [t.requires_grad_() for t in scan_inputs(batch=1, length=length, heads=2, head_dim=4, groups=1, state=8)]
+    got = ssd_scan_pure(*inputs, block_len=48)  # 48 does not divide STATE_EVERY: segments of 5 blocks
+    weights = torch.randn(got.shape, generator=torch.Generator().manual_seed(5))
+    got_grads = torch.autograd.grad((got * weights).sum(), inputs)
+    expected = step_by_step_scan(*inputs)
+    expected_grads = torch.autograd.grad((expected * weights).sum(), inputs)
+    assert (got - expected).abs().max().item() < 1e-5
+    for name, a, b in zip("x dt A B C".split(), got_grads, expected_grads):
+        assert b.abs().max() > 1e-3, name
+        assert ((a - b).abs().max() / b.abs().max()).item() < 1e-5, name
+
+
+class PretendCuda(torch.Tensor):
+    """A CPU tensor that says it is on CUDA, to see which way `ssd_scan` dispatches."""
+
+    @property
+    def is_cuda(self):
+        return True
+
+
+class RecordingKernel:
+    """Stands in for mamba_chunk_scan_combined: records its arguments, returns a marked result."""
+
+    def __init__(self):
+        self.calls = []
+
+    def __call__(self, x, dt, A, B, C, chunk_size):
+        self.calls.append({"x": x, "dt": dt, "A": A, "B": B, "C": C, "chunk_size": chunk_size})
+        return torch.full(x.shape, 7.0)
+
+
+def test_scan_calls_the_mamba_ssm_kernel_on_cuda_with_the_scan_inputs(monkeypatch):
+    kernel = RecordingKernel()
+    monkeypatch.setattr(ssd, "mamba_ssm_scan_kernel", lambda: kernel)
     x, dt, A, B, C = scan_inputs(length=40)
-    assert torch.equal(ssd_scan(x, dt, A, B, C, block_len=16), ssd_scan_pure(x, dt, A, B, C, block_len=16))
+    strided_B = B.transpose(2, 3).contiguous().transpose(2, 3)  # same values, not contiguous
+    # A in float64 and B not contiguous: the kernel gets A in float32 and contiguous tensors.
+    out = ssd_scan(x.as_subclass(PretendCuda), dt, A.double(), strided_B, C, block_len=16)
+    assert torch.equal(out, torch.full(x.shape, 7.0))
+    (call,) = kernel.calls
+    assert call["chunk_size"] == 16
+    assert torch.equal(call["x"], x) and torch.equal(call["dt"], dt) and torch.equal(call["C"], C)
+    assert call["A"].dtype == torch.float32 and torch.equal(call["A"], A)
+    assert not strided_B.is_contiguous() and call["B"].is_contiguous() and torch.equal(call["B"], B)
+
+
+def test_scan_falls_back_to_the_pure_scan_off_cuda_when_disabled_or_without_mamba_ssm(monkeypatch):
+    kernel = RecordingKernel()
+    monkeypatch.setattr(ssd, "mamba_ssm_scan_kernel", lambda: kernel)
+    x, dt, A, B, C = scan_inputs(length=40)
+    pure = ssd_scan_pure(x, dt, A, B, C, block_len=16)
+    assert torch.equal(ssd_scan(x, dt, A, B, C, block_len=16), pure)  # a CPU tensor
+    assert torch.equal(ssd_scan(x.as_subclass(PretendCuda), dt, A, B, C, block_len=16, use_kernels=False), pure)
+    assert kernel.calls == []
+    monkeypatch.setattr(ssd, "mamba_ssm_scan_kernel", lambda: None)  # mamba_ssm not installed
+    assert torch.equal(ssd_scan(x.as_subclass(PretendCuda), dt, A, B, C, block_len=16), pure)
+    with pytest.raises(ValueError, match=r"dt must be"):  # the kernel path checks shapes too
+        monkeypatch.setattr(ssd, "mamba_ssm_scan_kernel", lambda: kernel)
+        ssd_scan(x.as_subclass(PretendCuda), dt[:, :9], A, B, C)
 
 
 def test_a_zero_step_size_skips_the_step_exactly():
@@ -103,6 +163,26 @@ def test_mixer_equals_mamba2_written_out_step_by_step():
     u = torch.randn(2, 30, 24)
     expected = reference_mixer(mixer, u)
     assert (mixer(u) - expected).abs().max().item() < 1e-5
+
+
+def test_mixer_gradients_through_recomputed_slices_equal_the_written_out_mixer(monkeypatch):
+    """The convolution and the gated output are recomputed in backward, the latter in slices of positions."""
+    monkeypatch.setattr(mamba2, "FLOAT32_SLICE_ELEMENTS", 2 * 7 * 48)  # slices of 7 positions for batch 2, d_inner 48
+    torch.manual_seed(0)
+    mixer = Mamba2Mixer(24, head_dim=8, state_size=6, expand=2, conv_kernel=4, n_groups=2, scan_block=8)
+    with torch.no_grad():
+        mixer.D.add_(0.3 * torch.randn_like(mixer.D))
+    u = torch.randn(2, 30, 24, requires_grad=True)
+    weights = torch.randn(2, 30, 24)
+    got = mixer(u)
+    got_grads = torch.autograd.grad((got * weights).sum(), [u, *mixer.parameters()])
+    expected = reference_mixer(mixer, u)
+    expected_grads = torch.autograd.grad((expected * weights).sum(), [u, *mixer.parameters()])
+    assert (got - expected).abs().max().item() < 1e-5
+    names = ["u"] + [name for name, _ in mixer.named_parameters()]
+    for name, a, b in zip(names, got_grads, expected_grads):
+        assert b.abs().max() > 1e-4, name
+        assert ((a - b).abs().max() / b.abs().max()).item() < 1e-4, name
 
 
 @torch.no_grad()

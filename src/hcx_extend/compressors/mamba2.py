@@ -25,7 +25,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from hcx_extend.compressors.ssd import ssd_scan
+from hcx_extend.compressors.ssd import recompute_in_backward, ssd_scan
+
+# Elements of one float32 temporary of the gated output (64 MiB): positions are processed in slices this large.
+FLOAT32_SLICE_ELEMENTS = 1 << 24
 
 
 class GatedRMSNorm(nn.Module):
@@ -48,12 +51,16 @@ class GatedRMSNorm(nn.Module):
     def reset_parameters(self) -> None:
         nn.init.ones_(self.weight)
 
-    def forward(self, y: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
-        """y, z ``(..., width)`` -> ``(..., width)``; computed in float32, returned in y's dtype."""
+    def forward(self, y: torch.Tensor, z: torch.Tensor, weight: torch.Tensor | None = None) -> torch.Tensor:
+        """y, z ``(..., width)`` -> ``(..., width)``; computed in float32, returned in y's dtype.
+
+        ``weight`` replaces ``self.weight`` (a caller that recomputes this in backward passes it in).
+        """
+        weight = self.weight if weight is None else weight
         gated = y.float() * F.silu(z.float())
         groups = gated.view(*gated.shape[:-1], -1, self.group_size)
         normed = groups * torch.rsqrt(groups.pow(2).mean(-1, keepdim=True) + self.eps)
-        return (normed.view_as(gated) * self.weight.float()).to(y.dtype)
+        return (normed.view_as(gated) * weight.float()).to(y.dtype)
 
 
 class Mamba2Mixer(nn.Module):
@@ -122,13 +129,21 @@ class Mamba2Mixer(nn.Module):
             self.D.fill_(1.0)
 
     def forward(self, u: torch.Tensor, valid: torch.Tensor | None = None) -> torch.Tensor:
-        """u ``(batch, length, hidden)``, valid ``(batch, length)`` bool (None = all valid) -> ``(batch, length, hidden)``."""
+        """u ``(batch, length, hidden)``, valid ``(batch, length)`` bool (None = all valid) -> ``(batch, length, hidden)``.
+
+        Memory: the convolution and everything after the scan (``D`` skip, gated norm, ``out_proj``)
+        are recomputed in the backward pass (`recompute_in_backward`), so backward keeps only tensors of
+        the input dtype and the scan's block states, no float32 copies; the float32 gated norm runs
+        on slices of positions (`FLOAT32_SLICE_ELEMENTS`), so its temporaries stay small too.
+        """
         batch, length, _ = u.shape
         groups_width = self.n_groups * self.state_size
         z, xBC, dt = torch.split(self.in_proj(u), [self.d_inner, self.d_inner + 2 * groups_width, self.heads], dim=-1)
+        # A copy of z, so the whole in_proj output (2.06 x d_inner wide) need not live until backward.
+        z = z.contiguous()
         if valid is not None:
             xBC = xBC.masked_fill(~valid[..., None], 0.0)
-        xBC = F.silu(self.conv1d(xBC.transpose(1, 2))[..., :length].transpose(1, 2))
+        xBC = recompute_in_backward(self._causal_conv, xBC, self.conv1d.weight, self.conv1d.bias)
         x, B, C = torch.split(xBC, [self.d_inner, groups_width, groups_width], dim=-1)
         dt = F.softplus(dt.float() + self.dt_bias.float())
         if valid is not None:
@@ -140,5 +155,22 @@ class Mamba2Mixer(nn.Module):
             C.reshape(batch, length, self.n_groups, self.state_size),
             block_len=self.scan_block, use_kernels=self.use_kernels,
         )
-        y = y + x * self.D.to(x.dtype)[:, None]
-        return self.out_proj(self.norm(y.reshape(batch, length, self.d_inner), z))
+        # The gated norm works in float32; a slice of positions at a time keeps its copies small.
+        step = max(1, FLOAT32_SLICE_ELEMENTS // (batch * self.d_inner))
+        out = [recompute_in_backward(self._gated_output, y_part, x_part, self.D, z_part, self.norm.weight,
+                                     self.out_proj.weight)
+               for y_part, x_part, z_part in zip(y.split(step, dim=1), x.split(step, dim=1), z.split(step, dim=1))]
+        return torch.cat(out, dim=1) if len(out) > 1 else out[0]
+
+    def _causal_conv(self, xBC: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+        """SiLU(causal depthwise conv1d) over time: ``(batch, length, conv_dim)`` -> same shape."""
+        length = xBC.shape[1]
+        return F.silu(F.conv1d(xBC.transpose(1, 2), weight, bias, padding=weight.shape[-1] - 1,
+                               groups=weight.shape[0])[..., :length].transpose(1, 2))
+
+    def _gated_output(self, y: torch.Tensor, x: torch.Tensor, D: torch.Tensor, z: torch.Tensor,
+                      norm_weight: torch.Tensor, out_weight: torch.Tensor) -> torch.Tensor:
+        """``out_proj(norm(y + D x, z))`` for y, x ``(batch, length, heads, head_dim)``, z ``(batch, length, d_inner)``."""
+        batch, length = y.shape[:2]
+        y = (y + x * D.to(x.dtype)[:, None]).reshape(batch, length, self.d_inner)
+        return F.linear(self.norm(y, z, norm_weight), out_weight)

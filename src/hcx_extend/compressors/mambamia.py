@@ -40,6 +40,7 @@ import torch
 from torch import nn
 
 from hcx_extend.compressors.mamba2 import Mamba2Mixer
+from hcx_extend.compressors.ssd import recompute_in_backward
 
 # Defaults for small LLMs (SmolLM2-135M is 576 wide): the compressor works at the LLM's own width,
 # one layer as in Omni, and a state of 64 (Omni: 128) since a 576-wide stream carries less.
@@ -103,7 +104,8 @@ class MambaMiaLayer(nn.Module):
     def forward(self, seq: torch.Tensor, frame_mask: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
         """seq ``(items, n*(K+1), hidden)``; frame_mask ``(items, n, K)``; valid ``(items, n*(K+1))``."""
         seq = self.pool_chunks(seq, frame_mask)
-        return seq + self.mixer(self.norm(seq), valid)
+        # The RMSNorm works in float32; recomputing it in backward keeps none of its float32 copies.
+        return seq + self.mixer(recompute_in_backward(self.norm, seq), valid)
 
 
 class MambaMiaBackbone(nn.Module):
@@ -115,9 +117,14 @@ class MambaMiaBackbone(nn.Module):
         self.norm_f = nn.RMSNorm(hidden_size, eps=1e-5)
 
     def forward(self, seq: torch.Tensor, frame_mask: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+        """seq ``(items, n*(K+1), hidden)`` -> the query slots after the final norm, ``(items, n, hidden)``.
+
+        The norm is per position, so it runs on the query slots only (1 in K+1 positions).
+        """
         for layer in self.layers:
             seq = layer(seq, frame_mask, valid)
-        return self.norm_f(seq)
+        items, chunks, chunk = frame_mask.shape
+        return self.norm_f(seq.view(items, chunks, chunk + 1, -1)[:, :, -1])
 
 
 class MambaMiaCompressor(nn.Module):
@@ -173,15 +180,16 @@ class MambaMiaCompressor(nn.Module):
         new_lengths = torch.div(lengths + chunk - 1, chunk, rounding_mode="floor")
         chunk_valid = torch.arange(chunks, device=x.device)[None, :] < new_lengths[:, None]
 
-        frames = self.input_proj(torch.nn.functional.pad(x, (0, 0, 0, chunks * chunk - tokens)))
+        frames = self.input_proj(x)  # projected before padding: the padded copy is then hidden_size wide, not llm's
+        if chunks * chunk > tokens:
+            frames = torch.nn.functional.pad(frames, (0, 0, 0, chunks * chunk - tokens))
         # masked_fill, not a product: padding may hold anything, NaN included, and must not leak.
         frames = frames.view(items, chunks, chunk, -1).masked_fill(~frame_mask[..., None], 0.0)
         query = self.query_token.to(frames.dtype).expand(items, chunks, 1, -1)
         seq = self.input_norm(torch.cat([frames, query], dim=2).flatten(1, 2))
         valid = torch.cat([frame_mask, chunk_valid[..., None]], dim=2).flatten(1, 2)
 
-        seq = self.model(seq, frame_mask, valid)
-        queries = seq.view(items, chunks, chunk + 1, -1)[:, :, -1]
+        queries = self.model(seq, frame_mask, valid)
         out = self.output_proj(queries).masked_fill(~chunk_valid[..., None], 0.0)
         return out, new_lengths
 

@@ -5,36 +5,80 @@ Per head ``h`` with a scalar decay ``A_h < 0`` and a state ``S_t`` of shape ``(h
     S_t = exp(dt_t * A_h) * S_{t-1} + dt_t * x_t B_t^T        (S_{-1} = 0)
     y_t = S_t C_t
 
-`ssd_scan_pure` computes this without a Python loop over time steps: the sequence is cut into
-blocks of ``block_len`` steps; inside a block the outputs are one masked matrix product (the
-"quadratic" form, with decays ``exp(sum_{k=s+1}^{t} dt_k A)``), and only the block-end states are
-carried from block to block in a short loop (``ceil(length / block_len)`` iterations). It runs on
-any device; the arithmetic is done in float32 whatever the input dtype.
+`ssd_scan_pure` computes this block by block: the sequence is cut into blocks of ``block_len``
+steps; inside a block the outputs are one masked matrix product (the "quadratic" form, with
+decays ``exp(sum_{k=s+1}^{t} dt_k A)``) plus the state carried in from the blocks before, and the
+state at the block's end is handed to the next block (``ceil(length / block_len)`` iterations).
+
+Memory: only one block's float32 work exists at a time (``(batch, heads, block_len, block_len)``
+decays and ``(batch, block_len, heads, head_dim)`` products), never the whole sequence's. When
+gradients are needed each block is recomputed in the backward pass (`recompute_in_backward`), so
+what is kept for backward is the inputs (views, no copies) and one float32 state
+``(batch, heads, head_dim, state_size)`` per `STATE_EVERY` positions. With the mixer's own
+recomputation (`Mamba2Mixer`), the Omni-size compressor's training step (4 streams of 8,000 tokens,
+96 heads of 64, state 128, bf16) peaks at 5.4 GB instead of 24.5 GB (``benchmarks/mambamia_memory.py``).
 
 A step with ``dt_t = 0`` leaves the state exactly unchanged and adds nothing to it; callers mask
 padding that way (`Mamba2Mixer` does).
 
 `ssd_scan` dispatches to mamba_ssm's fused Triton kernel (``mamba_chunk_scan_combined``) when that
-package imports and the tensors are on CUDA, and to `ssd_scan_pure` otherwise.
+package imports and the tensors are on CUDA (`scan_kernel_for`), and to `ssd_scan_pure` otherwise.
 """
 
 from __future__ import annotations
 
 import functools
+import os
 from typing import Callable
 
 import torch
-import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
+
+# Positions between the float32 states that `ssd_scan_pure` keeps for backward (rounded to whole blocks).
+STATE_EVERY = 256
 
 
 @functools.cache
 def mamba_ssm_scan_kernel() -> Callable | None:
-    """mamba_ssm's ``mamba_chunk_scan_combined``, or None when mamba_ssm (or Triton) is not installed."""
+    """mamba_ssm's ``mamba_chunk_scan_combined``, or None when mamba_ssm (or Triton) is not installed.
+
+    First-call cost: each of mamba_ssm's ~15 scan kernels (forward and backward) autotunes over 4 to 10
+    Triton configs, compiling every one; the first training step took 89 s on an H200 that way (issue
+    10). Unless ``MAMBA_DETERMINISTIC`` is set in the environment, mamba_ssm is switched to its
+    deterministic mode before its kernels are imported: one fixed config per kernel (no autotuning)
+    and deterministic reductions. The first step then compiles each kernel once, and Triton keeps the
+    compiled kernels on disk (``TRITON_CACHE_DIR``, default ``~/.triton/cache``) for later processes.
+    ``MAMBA_DETERMINISTIC=0`` restores mamba_ssm's autotuning.
+    """
+    try:
+        from mamba_ssm.utils import determinism
+    except ImportError:  # mamba_ssm absent, or a version without deterministic mode
+        determinism = None
+    if determinism is not None and "MAMBA_DETERMINISTIC" not in os.environ:
+        determinism.set_deterministic_mode(True)
     try:
         from mamba_ssm.ops.triton.ssd_combined import mamba_chunk_scan_combined
     except ImportError:
         return None
     return mamba_chunk_scan_combined
+
+
+def scan_kernel_for(x: torch.Tensor, use_kernels: bool) -> Callable | None:
+    """The kernel `ssd_scan` should call for ``x``: mamba_ssm's when asked for, installed and ``x`` is on CUDA; else None."""
+    if not use_kernels or not x.is_cuda:
+        return None
+    return mamba_ssm_scan_kernel()
+
+
+def recompute_in_backward(function: Callable, *args: torch.Tensor):
+    """``function(*args)``; when autograd records it, nothing inside is kept: it runs again in the backward pass.
+
+    Only the arguments are held for backward (references, not copies). ``function`` must be
+    deterministic (no dropout): the random state is not replayed.
+    """
+    if torch.is_grad_enabled() and any(isinstance(a, torch.Tensor) and a.requires_grad for a in args):
+        return checkpoint(function, *args, use_reentrant=False, preserve_rng_state=False)
+    return function(*args)
 
 
 def check_scan_inputs(x: torch.Tensor, dt: torch.Tensor, A: torch.Tensor, B: torch.Tensor, C: torch.Tensor) -> None:
@@ -69,10 +113,42 @@ def segment_sums(a: torch.Tensor) -> torch.Tensor:
     return sums.masked_fill(~on_or_below, float("-inf"))
 
 
+def scan_block(x: torch.Tensor, dt: torch.Tensor, A: torch.Tensor, B: torch.Tensor, C: torch.Tensor,
+               state: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """One block of the scan, in float32.
+
+    Args:
+        x ``(batch, l, heads, head_dim)``, dt ``(batch, l, heads)``, A ``(heads,)``, B and C
+        ``(batch, l, groups, state_size)``: the block's slice of the scan inputs.
+        state: ``(batch, groups, heads per group, head_dim, state_size)`` float32, the state before the block.
+
+    Returns:
+        y ``(batch, l, heads, head_dim)`` in x's dtype, and the state after the block's last step.
+    """
+    batch, length, heads, head_dim = x.shape
+    groups = B.shape[2]
+    per_group = heads // groups
+    # Layout (batch, groups, heads per group, l, ...): B and C broadcast over the heads of their group.
+    xdt = (x.float() * dt.float()[..., None]).view(batch, length, groups, per_group, head_dim).permute(0, 2, 3, 1, 4)
+    a = (dt.float() * A.float()).view(batch, length, groups, per_group).permute(0, 2, 3, 1)  # log-decay of each step
+    a_cum = torch.cumsum(a, dim=-1)
+    B = B.float().transpose(1, 2)[:, :, None]  # (b, g, 1, l, n)
+    C = C.float().transpose(1, 2)[:, :, None]
+
+    # Outputs from inputs of the same block, (C_t . B_s) exp(a_{s+1} + ... + a_t) dt_s x_s for s <= t,
+    # plus the state carried in, decayed up to each step.
+    y = (C @ B.transpose(-1, -2) * torch.exp(segment_sums(a))) @ xdt
+    y = y + (C @ state.transpose(-1, -2)) * torch.exp(a_cum)[..., None]
+    # The state after the block: the one carried in, decayed over the block, plus the block's own inputs.
+    decay_to_end = torch.exp(a_cum[..., -1:] - a_cum)
+    state = state * torch.exp(a_cum[..., -1])[..., None, None] + (xdt * decay_to_end[..., None]).transpose(-1, -2) @ B
+    return y.permute(0, 3, 1, 2, 4).reshape(batch, length, heads, head_dim).to(x.dtype), state
+
+
 def ssd_scan_pure(
     x: torch.Tensor, dt: torch.Tensor, A: torch.Tensor, B: torch.Tensor, C: torch.Tensor, block_len: int = 64
 ) -> torch.Tensor:
-    """The scan in plain PyTorch, blockwise.
+    """The scan in plain PyTorch, one block at a time (`scan_block`), recomputed in backward.
 
     Args:
         x: ``(batch, length, heads, head_dim)`` inputs.
@@ -92,45 +168,28 @@ def ssd_scan_pure(
         raise ValueError(f"ssd scan: block_len must be >= 1, got {block_len}")
     batch, length, heads, head_dim = x.shape
     groups, state_size = B.shape[2:]
-    per_group = heads // groups
-    pad = (-length) % block_len
-    blocks = (length + pad) // block_len
+    state = x.new_zeros(batch, groups, heads // groups, head_dim, state_size, dtype=torch.float32)
+    if length == 0:
+        return x.new_zeros(x.shape)
+    # Recomputed a segment of whole blocks at a time, so one state is kept per STATE_EVERY positions
+    # whatever the block length. torch.split, not slicing: a slice's backward is a zero-filled copy of the
+    # whole input, once per segment.
+    segment = block_len * max(1, STATE_EVERY // block_len)
+    outputs = []
+    for x_part, dt_part, B_part, C_part in zip(*(t.split(segment, dim=1) for t in (x, dt, B, C))):
+        y, state = recompute_in_backward(scan_segment, x_part, dt_part, A, B_part, C_part, state, block_len)
+        outputs.append(y)
+    return torch.cat(outputs, dim=1) if len(outputs) > 1 else outputs[0]
 
-    def blocked(t: torch.Tensor) -> torch.Tensor:
-        """(batch, length, k, ...) -> (batch, k, blocks, block_len, ...), float32, zero-padded along length."""
-        t = F.pad(t.float(), (0,) * (2 * (t.dim() - 2)) + (0, pad))
-        t = t.view(batch, blocks, block_len, *t.shape[2:])
-        return t.permute(0, 3, 1, 2, *range(4, t.dim())).contiguous()
 
-    # Layout (batch, groups, heads per group, blocks, block_len, ...): B and C broadcast over the heads
-    # of their group instead of being copied per head.
-    xdt = blocked(x * dt[..., None]).view(batch, groups, per_group, blocks, block_len, head_dim)
-    B = blocked(B)[:, :, None]  # (b, g, 1, c, l, n)
-    C = blocked(C)[:, :, None]
-    a = blocked(dt) * A.float()[None, :, None, None]  # (b, h, c, l): log-decay of each step
-    a = a.view(batch, groups, per_group, blocks, block_len)
-    a_cum = torch.cumsum(a, dim=-1)
-
-    # 1. Outputs from inputs of the same block: (C_t . B_s) exp(a_{s+1} + ... + a_t) dt_s x_s, s <= t.
-    y = (C @ B.transpose(-1, -2) * torch.exp(segment_sums(a))) @ xdt
-
-    # 2. Each block's own contribution to the state at its last step.
-    decay_to_end = torch.exp(a_cum[..., -1:] - a_cum)
-    block_states = (xdt * decay_to_end[..., None]).transpose(-1, -2) @ B  # (b, g, z, c, p, n)
-
-    # 3. Carry states across blocks: entering[c] is the state just before block c starts.
-    block_decay = torch.exp(a_cum[..., -1])[..., None, None]  # (b, g, z, c, 1, 1)
-    running = torch.zeros_like(block_states[:, :, :, 0])
-    entering = []
-    for c in range(blocks):
-        entering.append(running)
-        running = running * block_decay[:, :, :, c] + block_states[:, :, :, c]
-    entering = torch.stack(entering, dim=3)  # (b, g, z, c, p, n)
-
-    # 4. Outputs from the state carried in, decayed up to each step.
-    y = y + (C @ entering.transpose(-1, -2)) * torch.exp(a_cum)[..., None]
-    y = y.reshape(batch, heads, blocks * block_len, head_dim).transpose(1, 2)
-    return y[:, :length].to(x.dtype)
+def scan_segment(x: torch.Tensor, dt: torch.Tensor, A: torch.Tensor, B: torch.Tensor, C: torch.Tensor,
+                 state: torch.Tensor, block_len: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """`scan_block` over consecutive blocks of ``block_len`` steps; same arguments and results."""
+    outputs = []
+    for x_part, dt_part, B_part, C_part in zip(*(t.split(block_len, dim=1) for t in (x, dt, B, C))):
+        y, state = scan_block(x_part, dt_part, A, B_part, C_part, state)
+        outputs.append(y)
+    return (torch.cat(outputs, dim=1) if len(outputs) > 1 else outputs[0]), state
 
 
 def ssd_scan(
@@ -142,12 +201,14 @@ def ssd_scan(
     block_len: int = 64,
     use_kernels: bool = True,
 ) -> torch.Tensor:
-    """`ssd_scan_pure`'s result, computed by mamba_ssm's kernel when ``use_kernels`` and it can run.
+    """`ssd_scan_pure`'s result, computed by mamba_ssm's kernel when `scan_kernel_for` gives one.
 
-    The kernel runs when mamba_ssm imports and ``x`` is on CUDA; shapes and arguments as in
-    `ssd_scan_pure`. The two agree to float32 rounding (see ``benchmarks/gpu_mambamia_check.py``).
+    Shapes and arguments as in `ssd_scan_pure`; the kernel gets ``chunk_size=block_len`` and A in
+    float32. The two agree to float32 rounding: 1.2e-7 relative when the kernel runs in Triton's
+    interpreter (exact float32); on a GPU Triton multiplies float32 in TF32 (see
+    ``benchmarks/gpu_mambamia_check.py`` and docs/gpu.md).
     """
-    kernel = mamba_ssm_scan_kernel() if use_kernels and x.is_cuda else None
+    kernel = scan_kernel_for(x, use_kernels)
     if kernel is None:
         return ssd_scan_pure(x, dt, A, B, C, block_len)
     check_scan_inputs(x, dt, A, B, C)
