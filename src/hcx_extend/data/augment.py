@@ -1,0 +1,64 @@
+"""Label-preserving variations of sensor recordings, drawn once with a seed (so a resumed run sees the same data).
+
+`augment_recordings` returns the originals followed by ``copies`` variations of each: a random
+contiguous crop of ``crop`` of the steps (the activity is the same over the whole 10 s window),
+every channel scaled by a factor drawn around 1, and Gaussian noise relative to each channel's
+spread. Recordings stay ``(time, channels)`` float32.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Sequence
+
+import numpy as np
+
+
+@dataclass(frozen=True)
+class Augmentation:
+    """How to vary a recording.
+
+    Args:
+        copies: variations made of each recording (0 = none).
+        crop: fraction of the steps a crop keeps, in (0, 1] (1 = no cropping).
+        scale: channels are multiplied by a factor uniform in ``[1 - scale, 1 + scale]``.
+        noise: Gaussian noise with this fraction of each channel's standard deviation.
+    """
+
+    copies: int = 0
+    crop: float = 1.0
+    scale: float = 0.0
+    noise: float = 0.0
+
+    def __post_init__(self):
+        if not isinstance(self.copies, int) or self.copies < 0:
+            raise ValueError(f"augmentation copies must be an integer >= 0, got {self.copies!r}")
+        if not 0 < self.crop <= 1:
+            raise ValueError(f"augmentation crop must be in (0, 1], got {self.crop!r}")
+        if not 0 <= self.scale < 1 or self.noise < 0:
+            raise ValueError(f"augmentation scale must be in [0, 1) and noise >= 0, got {self.scale!r}, {self.noise!r}")
+
+
+def vary(values: np.ndarray, augmentation: Augmentation, rng: np.random.Generator) -> np.ndarray:
+    """One variation of a ``(time, channels)`` recording."""
+    steps, channels = values.shape
+    length = max(1, round(steps * augmentation.crop))
+    start = int(rng.integers(0, steps - length + 1))
+    out = values[start:start + length].astype(np.float64)
+    if augmentation.scale:
+        out = out * rng.uniform(1 - augmentation.scale, 1 + augmentation.scale, size=(1, channels))
+    if augmentation.noise:
+        out = out + rng.normal(size=out.shape) * augmentation.noise * values.std(axis=0, keepdims=True)
+    return out.astype(np.float32)
+
+
+def augment_recordings(values: Sequence[np.ndarray], labels: Sequence[str], augmentation: Augmentation,
+                       seed: int) -> tuple[list[np.ndarray], list[str]]:
+    """The recordings and labels followed by ``augmentation.copies`` variations of each, drawn with ``seed``."""
+    rng = np.random.default_rng(seed)
+    out_values, out_labels = list(values), list(labels)
+    for _ in range(augmentation.copies):
+        for recording, label in zip(values, labels):
+            out_values.append(vary(recording, augmentation, rng))
+            out_labels.append(label)
+    return out_values, out_labels
