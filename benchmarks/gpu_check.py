@@ -14,7 +14,7 @@ Sections (each prints its own figures; everything is measured in this one run):
    (a) `LayerStreamer` (2 resident layers + 2 prefetch slots, pinned host copies; and with 1 slot and 3
        resident layers, which moves one layer less per token but cannot overlap copies with compute),
    (b) the guide's literal ``DynamicLayerLoader`` (4 slots, evict the lowest index with ``.to("cpu")``,
-       load with ``.to(device)``, no prefetch), reimplemented below as REFERENCE.md section 2 describes it,
+       load with ``.to(device)``, no prefetch), reimplemented below as docs/extension-guide.md describes it,
    (c) accelerate's CPU offload (``dispatch_model``: 3 resident layers, the others copied in per forward);
    plus the PCIe bound: bytes per token / measured pinned host->device bandwidth.
 
