@@ -1,11 +1,12 @@
-"""Layer streaming on the CPU: exact logits, slot accounting, load order, bytes moved, no write-back."""
+"""Layer streaming on the CPU: exact logits, slot accounting, load order, bytes moved, no write-back; NF4 layers."""
 
 import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from hcx_extend.config import OmniConfig
-from hcx_extend.memory import LayerStreamer, resident_layer_count
+from hcx_extend.memory import LayerStreamer, quantize_language_model, resident_layer_count
+from hcx_extend.memory.quantize import quantized_weight_bytes
 from hcx_extend.memory.streaming import layer_bytes
 from hcx_extend.model import OmniForCausalLM
 
@@ -145,3 +146,49 @@ def test_bad_streamer_settings_raise_clear_errors():
         LayerStreamer(_model(), "cpu", resident_layers=2, slots=0)
     with pytest.raises(ValueError, match=r"resident_layers must be in \[0, 6\]"):
         LayerStreamer(_model(), "cpu", resident_layers=7)
+
+
+# ---------------------------------------------------------------------------------------- NF4 layers stream packed
+NF4_TEXT = {**TEXT, "hidden_size": 256, "intermediate_size": 512, "num_hidden_layers": 4}
+
+
+def _nf4_model():
+    """The NF4 model of the guide's BitsAndBytesConfig, quantised on the CPU (bitsandbytes' CPU kernels)."""
+    torch.manual_seed(0)
+    model = OmniForCausalLM(OmniConfig(text_config=dict(NF4_TEXT))).eval()
+    quantize_language_model(model, "nf4", compute_dtype=torch.bfloat16)
+    return model
+
+
+def test_nf4_layers_stream_packed_and_decode_exactly_as_the_resident_nf4_model():
+    resident = _nf4_model()
+    expected_sequences, expected_logits = _generate(resident, steps=3)
+    model = _nf4_model()
+    streamer = LayerStreamer(model, "cpu", resident_layers=1, slots=2)
+    sequences, logits = _generate(model, steps=3)
+    assert torch.equal(sequences, expected_sequences)  # next-token agreement 100 %
+    assert torch.equal(logits, expected_logits)
+    layer = model.language_model.model.layers[3]
+    assert type(layer.self_attn.q_proj.weight).__name__ == "Params4bit"
+    assert layer.self_attn.q_proj.weight.quant_state.absmax.data_ptr() in {
+        b.data_ptr() + offset for b in streamer._slot_buffers + [streamer.host_buffers()[3]] for offset in streamer._offsets}
+
+
+def test_an_nf4_pass_moves_the_packed_bytes_about_a_quarter_of_bf16():
+    model = _nf4_model()
+    layer = model.language_model.model.layers[0]
+    # Packed weights + block scales + double-quantisation state + code tables, as bitsandbytes stores them
+    # (memory/quantize.py's formula), and the four RMSNorm weights (HyperCLOVAX's Peri-LN) in float32.
+    linears = [m for m in layer.modules() if type(m).__name__ == "Linear4bit"]
+    norms = [m for m in layer.modules() if type(m).__name__.endswith("RMSNorm")]
+    assert len(linears) == 7 and len(norms) == 4
+    expected = sum(quantized_weight_bytes(m.out_features, m.in_features, "nf4") for m in linears) + 4 * 256 * 4
+    assert layer_bytes(layer) == expected
+    streamer = LayerStreamer(model, "cpu", resident_layers=1, slots=2)
+    assert 0 <= streamer.layer_nbytes - expected <= 256 * 40  # alignment of each tensor in the flat buffer
+    with torch.no_grad():
+        model(input_ids=PROMPT)
+        model(input_ids=PROMPT)
+    assert streamer.stats.bytes_to_device == (3 * 2 + 1) * streamer.layer_nbytes  # 3 streamed layers, 2 passes
+    bf16 = sum(m.out_features * m.in_features * 2 for m in linears) + 4 * 256 * 2
+    assert 0.26 < streamer.layer_nbytes / bf16 < 0.28
