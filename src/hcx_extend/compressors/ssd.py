@@ -115,12 +115,13 @@ def segment_sums(a: torch.Tensor) -> torch.Tensor:
 
 def scan_block(x: torch.Tensor, dt: torch.Tensor, A: torch.Tensor, B: torch.Tensor, C: torch.Tensor,
                state: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """One block of the scan, in float32.
+    """One block of the scan, in float32 (float64 when x is float64).
 
     Args:
         x ``(batch, l, heads, head_dim)``, dt ``(batch, l, heads)``, A ``(heads,)``, B and C
         ``(batch, l, groups, state_size)``: the block's slice of the scan inputs.
-        state: ``(batch, groups, heads per group, head_dim, state_size)`` float32, the state before the block.
+        state: ``(batch, groups, heads per group, head_dim, state_size)`` float32 (float64 for float64 x), the
+            state before the block.
 
     Returns:
         y ``(batch, l, heads, head_dim)`` in x's dtype, and the state after the block's last step.
@@ -128,12 +129,13 @@ def scan_block(x: torch.Tensor, dt: torch.Tensor, A: torch.Tensor, B: torch.Tens
     batch, length, heads, head_dim = x.shape
     groups = B.shape[2]
     per_group = heads // groups
+    work = torch.float64 if x.dtype == torch.float64 else torch.float32  # float64 for reference runs
     # Layout (batch, groups, heads per group, l, ...): B and C broadcast over the heads of their group.
-    xdt = (x.float() * dt.float()[..., None]).view(batch, length, groups, per_group, head_dim).permute(0, 2, 3, 1, 4)
-    a = (dt.float() * A.float()).view(batch, length, groups, per_group).permute(0, 2, 3, 1)  # log-decay of each step
+    xdt = (x.to(work) * dt.to(work)[..., None]).view(batch, length, groups, per_group, head_dim).permute(0, 2, 3, 1, 4)
+    a = (dt.to(work) * A.to(work)).view(batch, length, groups, per_group).permute(0, 2, 3, 1)  # log-decay of each step
     a_cum = torch.cumsum(a, dim=-1)
-    B = B.float().transpose(1, 2)[:, :, None]  # (b, g, 1, l, n)
-    C = C.float().transpose(1, 2)[:, :, None]
+    B = B.to(work).transpose(1, 2)[:, :, None]  # (b, g, 1, l, n)
+    C = C.to(work).transpose(1, 2)[:, :, None]
 
     # Outputs from inputs of the same block, (C_t . B_s) exp(a_{s+1} + ... + a_t) dt_s x_s for s <= t,
     # plus the state carried in, decayed up to each step.
@@ -168,7 +170,8 @@ def ssd_scan_pure(
         raise ValueError(f"ssd scan: block_len must be >= 1, got {block_len}")
     batch, length, heads, head_dim = x.shape
     groups, state_size = B.shape[2:]
-    state = x.new_zeros(batch, groups, heads // groups, head_dim, state_size, dtype=torch.float32)
+    state = x.new_zeros(batch, groups, heads // groups, head_dim, state_size,
+                        dtype=torch.float64 if x.dtype == torch.float64 else torch.float32)
     if length == 0:
         return x.new_zeros(x.shape)
     # Recomputed a segment of whole blocks at a time, so one state is kept per STATE_EVERY positions
