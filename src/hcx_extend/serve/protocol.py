@@ -168,7 +168,7 @@ def _validation_error(error: ValidationError) -> APIError:
     first = problems[0]
     loc = list(first["loc"])
     if first["type"] == "json_invalid":
-        return invalid_request(f"the body is not valid JSON ({first['msg']})")
+        return invalid_request(f"the body is not valid JSON ({first['msg'].removeprefix('Invalid JSON: ')})")
     if first["type"] == "model_type" and not loc:
         return invalid_request("the body must be a JSON object with 'model' and 'messages'")
     param = _param(loc)

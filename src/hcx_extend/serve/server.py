@@ -2,12 +2,13 @@
 
 On SIGTERM/SIGINT uvicorn stops accepting connections, lets the requests in flight finish (streams
 included; at most ``request_timeout_s`` plus a few seconds), then the app's lifespan drains the batch
-worker and the process exits 0. A second SIGINT stops at once.
+worker, `run_server` returns and ``hcx-extend serve`` exits 0. A second SIGINT stops at once.
 """
 
 from __future__ import annotations
 
 import os
+import signal
 from pathlib import Path
 
 import torch
@@ -54,4 +55,21 @@ def run_server(checkpoint: str | os.PathLike, options: ServeOptions, *, base: st
                             timeout_graceful_shutdown=int(options.request_timeout_s) + 5, lifespan="on")
     modalities = ", ".join(f"{m.name} ({m.marker})" for m in model.config.modalities.values()) or "none"
     print(f"serving {options.model_name!r} from {checkpoint}; modalities: {modalities}", flush=True)
-    uvicorn.Server(config).run()
+    # uvicorn re-raises the signal it stopped for once it has shut down gracefully; that is a normal end here.
+    previous = signal.signal(signal.SIGTERM, _raise_stopped)
+    try:
+        uvicorn.Server(config).run()
+    except (_Stopped, KeyboardInterrupt):
+        pass
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    stats = app.state.worker.stats()
+    print(f"stopped after answering {stats['requests']} requests in {stats['batches']} batches", flush=True)
+
+
+class _Stopped(Exception):
+    """SIGTERM arrived (after uvicorn's graceful shutdown, or before it started)."""
+
+
+def _raise_stopped(signum, frame) -> None:
+    raise _Stopped()
