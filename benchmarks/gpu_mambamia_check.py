@@ -16,7 +16,8 @@ Each check prints one JSON line (``ok`` true/false), then a summary; exit code 1
 4. ``scan_bfloat16``: kernel vs pure in bfloat16 inputs, tolerance 2e-2, with timings (speedup).
 5. ``compressor``: the whole MambaMia compressor at Omni's sizes (4096 -> 3072, 1 layer, chunk 25), bfloat16,
    4 streams of 8,000 / 7,000 / 6,013 / 5,000 tokens, with RANDOM weights everywhere (a fresh compressor's
-   mixer ``out_proj`` is zero, which hid the scan: issue 10), kernels on vs off: tolerance 2e-2, forward and
+   mixer ``out_proj`` is zero, which hid the scan: issue 10), kernels on vs off, compared on the scan's output
+   inside the compressor (its final output dilutes a scan error ~100x): tolerance 2e-2, forward and
    forward+backward timings, and the pure path's peak memory (``torch.cuda.max_memory_allocated``;
    target <= 22.5 GB / 4 = 5.6 GB; benchmarks/mambamia_memory.py traces the same on the meta device).
 6. ``planted_error``: the comparisons of 2 and 5 again with a planted 5 % error in the kernel's step sizes
@@ -47,7 +48,7 @@ import types
 import torch
 import torch.nn.functional as F
 
-from hcx_extend.compressors import ssd
+from hcx_extend.compressors import mamba2, ssd
 from hcx_extend.compressors.mambamia import MambaMiaCompressor
 from hcx_extend.compressors.ssd import ssd_scan_pure
 
@@ -64,7 +65,8 @@ def synchronize() -> None:
 
 
 def timed(fn, repeats: int = 3) -> tuple[float, object]:
-    """(median seconds over ``repeats`` after one warm-up, last result)."""
+    """(median seconds over ``repeats`` after one warm-up, last result); one repeat off CUDA (the interpreter is slow)."""
+    repeats = repeats if torch.cuda.is_available() else 1
     result = fn()
     synchronize()
     times = []
@@ -236,9 +238,22 @@ def main(argv=None) -> int:
     x = torch.randn(len(lengths), max(sizes["lengths"]), compressor.input_proj.in_features, device=device,
                     dtype=half, generator=torch.Generator(device=device).manual_seed(1))
 
+    # Compared where the scan's result leaves it, inside the compressor (real masks, padding and step sizes): the
+    # compressor's output dilutes a scan error ~100x (D skip, gated norm, residual stream): a planted 5 % dt
+    # error moved it by 5e-4 and the mixer's output by 1e-3 (Triton interpreter), below any bf16 tolerance.
+    scan_out = {}
+    real_scan = mamba2.ssd_scan
+
+    def recording_scan(*args, **kwargs):
+        scan_out["y"] = real_scan(*args, **kwargs)
+        return scan_out["y"]
+
+    mamba2.ssd_scan = recording_scan
+
     def forward():
         with torch.no_grad():
-            return compressor(x, lengths)[0]
+            compressor(x, lengths)
+            return scan_out["y"]
 
     def forward_backward():
         compressor.zero_grad(set_to_none=True)
