@@ -23,6 +23,8 @@ from test_train_cli import workspace  # noqa: F401  (the tiny LLM + tokenizer + 
 
 from hcx_extend import OmniForCausalLM, OmniProcessor, align_tokens, build_preset
 from hcx_extend.cli import main
+from hcx_extend.compressors import mamba2, ssd
+from hcx_extend.compressors.mambamia import MambaMiaCompressor
 from hcx_extend.data.examples import Example, read_jsonl
 from hcx_extend.evaluation import evaluate_examples
 from hcx_extend.inference import GenerationSettings, chat
@@ -147,8 +149,6 @@ def test_the_activity_demo_runs_on_cuda(tmp_path):
 
 def test_mambamia_kernel_and_pure_scan_agree_with_random_weights_and_a_planted_error_fails(monkeypatch):
     pytest.importorskip("mamba_ssm")
-    from hcx_extend.compressors import mamba2, ssd
-    from hcx_extend.compressors.mambamia import MambaMiaCompressor
 
     torch.manual_seed(0)
     compressor = MambaMiaCompressor(128, chunk_size=25, num_layers=1, head_dim=64, state_size=64, scan_block=64)
