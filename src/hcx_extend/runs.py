@@ -169,26 +169,47 @@ def find_base(directory: Path, run: dict[str, Any], base: str | os.PathLike | No
 
 # ---------------------------------------------------------------------------------------- loading
 def load_model(path: str | os.PathLike, *, base: str | os.PathLike | None = None,
-               dtype: torch.dtype | str | None = None) -> tuple[OmniForCausalLM, Any]:
+               dtype: torch.dtype | str | None = None,
+               device: torch.device | str | None = None) -> tuple[OmniForCausalLM, Any]:
     """Load any checkpoint kind (see the module docstring) as ``(model, tokenizer)`` in eval mode.
 
     Args:
         path: a run checkpoint, an omni / VisionV2 / causal-LM folder, or a ``.gguf`` file.
         base: for a run checkpoint, where its base model is (default: what ``run.json`` records).
         dtype: cast the weights ("bf16", "fp32", ...); None keeps them as stored.
+        device: where the model runs ("cpu", "cuda", "cuda:1", or "auto" = the first GPU if there is one);
+            None leaves it on the CPU. Batches follow the model (`OmniForCausalLM.input_device`).
 
     Raises:
         FileNotFoundError: ``path`` (or a run's base) does not exist.
-        ValueError: the folder is incomplete or inconsistent; the message names the file.
+        ValueError: the folder is incomplete or inconsistent (the message names the file); an unknown device.
     """
     path = Path(path)
     if path.is_dir() and (path / RUN_FILE).exists():
-        return _load_run(path, base, dtype)
-    source = cached_source(path)
-    if source.kind == "omni":
-        model, _ = OmniForCausalLM.from_folder(path, dtype=dtype)
-        return model, source.tokenizer
-    return extend(source, [], dtype=dtype).model, source.tokenizer
+        model, tokenizer = _load_run(path, base, dtype)
+    else:
+        source = cached_source(path)
+        if source.kind == "omni":
+            model, _ = OmniForCausalLM.from_folder(path, dtype=dtype)
+        else:
+            model = extend(source, [], dtype=dtype).model
+        tokenizer = source.tokenizer
+    if device is not None:
+        model.to(resolve_device(device))
+    return model, tokenizer
+
+
+def resolve_device(device: torch.device | str) -> torch.device:
+    """``"auto"`` -> the first CUDA device if there is one, else the CPU; other names as torch reads them."""
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        resolved = torch.device(device)
+    except (RuntimeError, TypeError):
+        raise ValueError(f"unknown device {device!r}; use cpu, cuda, cuda:N or auto") from None
+    if resolved.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device {device!r} asked for, but this machine has no CUDA device; use cpu or auto")
+    return resolved
 
 
 def _load_run(directory: Path, base: str | os.PathLike | None, dtype) -> tuple[OmniForCausalLM, Any]:
