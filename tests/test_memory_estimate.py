@@ -7,10 +7,14 @@ import torch
 from torch.profiler import ProfilerActivity, profile
 
 from hcx_extend.cli import main
-from hcx_extend.encoders import get_encoder
+from hcx_extend.compressors import compressed_length
+from hcx_extend.encoders import _REGISTRY, get_encoder, register_encoder
+from hcx_extend.encoders.base import ModalityEncoder
+from hcx_extend.encoders.imu import IMUModalityEncoder
 from hcx_extend.memory import Workload, estimate_memory, weight_footprint
 from hcx_extend.memory.activations import encoded_modalities
 from hcx_extend.memory.quantize import module_bytes, quantizable_linears, quantized_weight_bytes
+from hcx_extend.model import OmniForCausalLM
 from hcx_extend.presets import build_preset, preset_config
 from hcx_extend.ladder import get_strategy
 from hcx_extend.training import apply_strategy
@@ -35,16 +39,22 @@ def _batch(model, workload):
             item = torch.randn(workload.sensor_steps, modality.input.channels, generator=generator)
         batch = encoder.collate([item] * workload.batch, modality)
         inputs[modality.name] = batch
-        placeholders += [modality.token_id] * encoder.token_counts(batch, modality)[0]
+        placeholders += [modality.token_id] * compressed_length(modality.compressor, encoder.token_counts(batch, modality)[0])
     text = torch.randint(0, 1000, (workload.batch, workload.seq - len(placeholders)), generator=generator)
     ids = torch.cat([torch.tensor(placeholders).expand(workload.batch, -1), text], dim=1)
     return ids, inputs, (workload.seq - len(placeholders)) / (workload.seq - 1)
 
 
-def _measured_peak(strategy: str, workload: Workload) -> int:
+def _config(compressor=None):
+    config = preset_config("tiny-hcx-omni")
+    config.modalities["sensor"].compressor = compressor
+    return config
+
+
+def _measured_peak(strategy: str, workload: Workload, compressor=None) -> int:
     """Bytes alive before a training step (weights, optimiser state) + the most the step allocates on top."""
     torch.manual_seed(0)
-    model = build_preset("tiny-hcx-omni")
+    model = OmniForCausalLM(_config(compressor))
     ids, inputs, _ = _batch(model, workload)
     model.fresh_components = set()
     apply_strategy(model, get_strategy(strategy))
@@ -70,14 +80,24 @@ def _measured_peak(strategy: str, workload: Workload) -> int:
     return module_bytes(model) + state + peak
 
 
-@pytest.mark.parametrize("strategy", ["projector", "lora-all"])
-def test_estimated_peak_matches_a_measured_cpu_training_step(strategy):
-    ids_fraction = _batch(build_preset("tiny-hcx-omni", device="meta"), SMALL_STEP)[2]
+@pytest.mark.parametrize("strategy, compressor", [
+    ("projector", None),
+    ("lora-all", None),
+    ("projector", {"type": "mambamia", "chunk_size": 5}),  # the estimator used to fail on any mambamia model
+])
+def test_estimated_peak_matches_a_measured_cpu_training_step(strategy, compressor):
+    with torch.device("meta"):
+        layout = OmniForCausalLM(_config(compressor))
+    ids_fraction = _batch(layout, SMALL_STEP)[2]
     workload = replace(SMALL_STEP, label_fraction=ids_fraction)
-    estimate = estimate_memory(preset_config("tiny-hcx-omni"), strategy, workload, dtype=torch.float32,
+    estimate = estimate_memory(_config(compressor), strategy, workload, dtype=torch.float32,
                                trained_dtype=torch.float32, foreach=False)
-    measured = _measured_peak(strategy, workload)
+    measured = _measured_peak(strategy, workload, compressor)
     assert estimate.peak == pytest.approx(measured, rel=0.05)
+    if compressor:
+        assert estimate.modality_tokens["sensor"] == 4  # 20 steps in chunks of 5
+        # Frozen, but between the trained projector and the loss: it keeps activations for backward.
+        assert estimate.row("sensor_compressor").activations > 0 and estimate.row("sensor_compressor").trained == 0
 
 
 def test_weights_gradients_and_adamw_state_follow_the_documented_rules():
@@ -153,18 +173,38 @@ def test_gradient_checkpointing_keeps_one_hidden_state_per_layer():
     assert checkpointed.row("language_model.layers").activations >= 36 * 1024 * 4096 * 2
 
 
-def test_an_encoder_type_without_a_probe_is_reported_untraced(monkeypatch):
-    from hcx_extend.memory import activations
+class _NoExampleBatches(IMUModalityEncoder):
+    """A user's encoder kind that does not implement example_batch."""
 
-    monkeypatch.delitem(activations.ENCODER_PROBES, "imu")
-    untraced = estimate_memory(preset_config("tiny-hcx-omni"), "new-encoder", SMALL_STEP)
-    assert untraced.untraced == ["sensor_model"] and untraced.row("sensor_model").activations == 0
-    assert "activations not traced" in untraced.table()
-    activations.register_encoder_probe("imu", activations._probe_imu)
+    example_batch = ModalityEncoder.example_batch
+
+
+class _ReadsValues(IMUModalityEncoder):
+    """A user's encoder kind whose encode reads tensor values (impossible on the meta device)."""
+
+    def encode(self, module, batch, modality):
+        scale = float(batch["values"].abs().max())
+        return [f * scale for f in super().encode(module, batch, modality)]
+
+
+@pytest.mark.parametrize("kind, reason", [
+    (_NoExampleBatches(), "does not implement example_batch"),
+    (_ReadsValues(), "does not run on the meta device"),
+])
+def test_an_encoder_kind_the_estimator_cannot_trace_gives_an_untraced_row(kind, reason):
+    register_encoder("user_imu", kind)
+    try:
+        config = preset_config("tiny-hcx-omni")
+        config.modalities["sensor"].encoder["model_type"] = "user_imu"
+        untraced = estimate_memory(config, "new-encoder", SMALL_STEP)
+    finally:
+        _REGISTRY.pop("user_imu")
+    assert list(untraced.untraced) == ["sensor_model"] and reason in untraced.untraced["sensor_model"]
+    assert untraced.row("sensor_model").activations == 0 and "sensor" not in untraced.modality_tokens
+    assert "activations not traced for sensor_model" in untraced.table()
     traced = estimate_memory(preset_config("tiny-hcx-omni"), "new-encoder", SMALL_STEP)
-    assert traced.untraced == [] and traced.row("sensor_model").activations > 0
-    with pytest.raises(ValueError, match="exists"):
-        activations.register_encoder_probe("imu", activations._probe_imu)
+    assert traced.untraced == {} and traced.row("sensor_model").activations > 0
+    assert untraced.row("vision_model").activations == traced.row("vision_model").activations
 
 
 @pytest.mark.parametrize("kwargs, message", [

@@ -7,7 +7,13 @@ Everything that differs between encoder kinds lives in a stateless `ModalityEnco
 * processor side: `collate` turns raw items into one batch dict and `token_counts` says how many
   embeddings (hence placeholder tokens) each item yields;
 * model side: `validate_batch` rejects malformed batches and `encode` runs the module and returns one
-  ``(tokens_i, output_size)`` tensor per item.
+  ``(tokens_i, output_size)`` tensor per item;
+* memory estimation: `example_batch` builds a batch of a given size whose data tensors live on the
+  meta device, so the memory estimator traces the real `encode` (through
+  ``OmniForCausalLM.encode_modality``) without a second copy of the kind's facts. Metadata that
+  `token_counts`, `validate_batch` and `encode` read as numbers (lengths, grids, frame masks) stays on
+  the CPU there; `encode` never reads values of data tensors. A kind that does not implement
+  `example_batch` is reported as untraced by the estimator.
 """
 
 from __future__ import annotations
@@ -81,6 +87,30 @@ class ModalityEncoder(ABC):
     def encode(self, module: nn.Module, batch: dict[str, torch.Tensor], modality: ModalityConfig) -> list[torch.Tensor]:
         """Run ``module`` on ``batch``; one ``(tokens_i, output_size)`` tensor per item, in item order."""
 
+    def example_batch(self, modality: ModalityConfig, items: int, size: int | None,
+                      device: torch.device | str = "meta") -> dict[str, torch.Tensor]:
+        """A batch of ``items`` equal items of ``size``, shaped exactly as `collate` would build it.
+
+        Data tensors (what a real batch carries to the model's device) are created empty on ``device``:
+        the meta device when the memory estimator traces `encode`. Metadata read as numbers (lengths,
+        grids, frame masks) is on the CPU.
+
+        Args:
+            modality: the modality (its input contract already resolved).
+            items: items in the batch (>= 1).
+            size: each item's size in the unit of the kind: time steps (sensor), side in pixels of a
+                square image (image), mel frames (audio; None = the encoder's full window).
+
+        Raises:
+            NotImplementedError: this kind cannot build example batches (the estimator then reports
+                the encoder as untraced).
+            ValueError: a size the modality's contract rejects (longer than ``input.max_length``).
+        """
+        raise NotImplementedError(
+            f"{modality.name}: encoder kind {type(self).__name__} does not implement example_batch, so its memory "
+            "cannot be traced; implement ModalityEncoder.example_batch to include it in estimates"
+        )
+
 
 def as_float_tensor(item: Any, modality: ModalityConfig) -> torch.Tensor:
     """A raw item (tensor, NumPy array or nested list) as a floating tensor of the contract's dtype."""
@@ -127,6 +157,11 @@ def check_length(length: int, modality: ModalityConfig, index: int | None = None
             f"{modality.name}:{where} has {length} {unit}, more than the maximum {limit}; split it into windows "
             f"(hcx_extend.data.sensors.window) or raise modalities.{modality.name}.input.max_length. Nothing is truncated."
         )
+
+
+def check_items(items: int, modality: ModalityConfig) -> None:
+    if not isinstance(items, int) or isinstance(items, bool) or items < 1:
+        raise ValueError(f"{modality.name}: an example batch needs at least one item, got {items!r}")
 
 
 def check_finite(tensor: torch.Tensor, modality: ModalityConfig, what: str = "input") -> None:

@@ -32,6 +32,7 @@ from hcx_extend.encoders.base import (
     as_float_tensor,
     check_channels,
     check_finite,
+    check_items,
     check_length,
     check_rank,
 )
@@ -273,6 +274,17 @@ class IMUModalityEncoder(ModalityEncoder):
             if length > values.shape[1]:
                 raise ValueError(f"{modality.name}: item {index} claims {length} steps but values has {values.shape[1]}")
         check_finite(values, modality)
+
+    def example_batch(self, modality: ModalityConfig, items: int, size: int | None,
+                      device: torch.device | str = "meta") -> dict[str, torch.Tensor]:
+        """``items`` recordings of ``size`` steps: values ``(items, size, channels)`` on ``device``, lengths on the CPU."""
+        check_items(items, modality)
+        if size is None:
+            raise ValueError(f"{modality.name}: an example sensor batch needs a number of time steps")
+        check_length(size, modality)
+        values = torch.empty(items, size, modality.input.channels, device=device,
+                             dtype=getattr(torch, modality.input.dtype))
+        return {"values": values, "lengths": torch.full((items,), size, dtype=torch.long)}
 
     def encode(self, module: nn.Module, batch: dict[str, torch.Tensor], modality: ModalityConfig) -> list[torch.Tensor]:
         parameter = next(module.parameters())

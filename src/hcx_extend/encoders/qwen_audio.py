@@ -8,6 +8,10 @@ of the attention so an item's embeddings do not depend on what it is batched wit
 
 Items: log-mel features ``(mel_bins, frames)``; compute them with transformers'
 ``WhisperFeatureExtractor`` (16 kHz audio, hop 160).
+
+The attention mask is built from ``feature_attention_mask`` on the device that mask is on (the model's
+device in a forward pass, the CPU when the memory estimator traces on the meta device) and then moved
+to the encoder's device.
 """
 
 from __future__ import annotations
@@ -16,7 +20,7 @@ from typing import Any
 
 import torch
 from torch import nn
-from transformers import AutoConfig, AutoModel
+from transformers import AutoModel
 from transformers.masking_utils import create_bidirectional_mask
 
 from hcx_extend.config import InputContract, ModalityConfig
@@ -25,9 +29,15 @@ from hcx_extend.encoders.base import (
     as_float_tensor,
     check_channels,
     check_finite,
+    check_items,
     check_length,
     check_rank,
 )
+from hcx_extend.encoders.hf_config import encoder_config
+
+# Sizes that must be integers >= 1; the attention heads must divide d_model.
+POSITIVE = ("num_mel_bins", "encoder_layers", "encoder_attention_heads", "encoder_ffn_dim", "d_model",
+            "max_source_positions")
 
 
 def audio_token_count(frames: int) -> int:
@@ -36,17 +46,26 @@ def audio_token_count(frames: int) -> int:
     return (after_conv - 2) // 2 + 1
 
 
+def audio_config(config: dict[str, Any], owner: str = "qwen2_audio_encoder encoder"):
+    """transformers' ``Qwen2AudioEncoderConfig`` for ``config``; bad settings raise a ValueError naming ``owner``."""
+    return encoder_config(config, owner, POSITIVE, divides=("encoder_attention_heads", "d_model"))
+
+
 class QwenAudioEncoder(ModalityEncoder):
     kind = "audio"
 
     def build(self, config: dict[str, Any]) -> nn.Module:
-        return AutoModel.from_config(AutoConfig.for_model(**config))
+        return AutoModel.from_config(audio_config(config))
 
     def output_size(self, config: dict[str, Any]) -> int:
-        return int(AutoConfig.for_model(**config).d_model)
+        return int(audio_config(config).d_model)
+
+    def resolve_contract(self, modality: ModalityConfig) -> InputContract:
+        audio_config(modality.encoder, modality.name)  # settings errors name the modality
+        return super().resolve_contract(modality)
 
     def default_contract(self, config: dict[str, Any]) -> InputContract:
-        resolved = AutoConfig.for_model(**config)
+        resolved = audio_config(config)
         return InputContract(
             kind="audio", channels=resolved.num_mel_bins, max_length=2 * resolved.max_source_positions, sample_rate=100.0
         )
@@ -87,18 +106,35 @@ class QwenAudioEncoder(ModalityEncoder):
             check_length(int(length), modality, index, unit="frames")
         check_finite(features, modality)
 
+    def example_batch(self, modality: ModalityConfig, items: int, size: int | None,
+                      device: torch.device | str = "meta") -> dict[str, torch.Tensor]:
+        """``items`` clips of ``size`` valid mel frames (None: the whole window), padded to the window as `collate` pads.
+
+        input_features ``(items, mel_bins, window)`` on ``device``; feature_attention_mask ``(items, window)`` on the CPU.
+        """
+        check_items(items, modality)
+        window = modality.input.max_length
+        frames = window if size is None else size
+        check_length(frames, modality, unit="frames")
+        features = torch.empty(items, modality.input.channels, window, device=device,
+                               dtype=getattr(torch, modality.input.dtype))
+        mask = (torch.arange(window) < frames).long().expand(items, window).contiguous()
+        return {"input_features": features, "feature_attention_mask": mask}
+
     def encode(self, module: nn.Module, batch: dict[str, torch.Tensor], modality: ModalityConfig) -> list[torch.Tensor]:
         parameter = next(module.parameters())
         features = batch["input_features"].to(parameter.device, parameter.dtype)
-        frame_mask = batch["feature_attention_mask"].to(parameter.device)
+        frame_mask = batch["feature_attention_mask"]
         # Attention runs after the stride-2 convolution: mask positions beyond each item's conv length.
         conv_lengths = (frame_mask.sum(-1) - 1) // 2 + 1
         positions = features.shape[-1] // 2
-        mask_2d = (torch.arange(positions, device=parameter.device)[None, :] < conv_lengths[:, None]).long()
+        mask_2d = (torch.arange(positions, device=frame_mask.device)[None, :] < conv_lengths[:, None]).long()
         attention_mask = create_bidirectional_mask(
             config=module.config,
-            inputs_embeds=torch.zeros(features.shape[0], positions, 1, dtype=parameter.dtype, device=parameter.device),
+            inputs_embeds=torch.zeros(features.shape[0], positions, 1, dtype=parameter.dtype, device=frame_mask.device),
             attention_mask=mask_2d,
         )
+        if attention_mask is not None:
+            attention_mask = attention_mask.to(parameter.device)
         hidden = module(features, attention_mask=attention_mask).last_hidden_state
         return [hidden[i, :count] for i, count in enumerate(self.token_counts(batch, modality))]

@@ -10,6 +10,11 @@ ordered so that every ``spatial_merge_size x spatial_merge_size`` block of patch
 
 Items: an image ``(channels, height, width)`` or a video ``(frames, channels, height, width)``,
 values in [0, 1].
+
+The tower's index tables (rotary positions, window order, window and image boundaries) are data, not
+activations: `encode` computes them from ``grid_thw`` where the grid is (the model's device in a
+forward pass, the CPU when the memory estimator traces on the meta device) with transformers' own
+helpers and passes them in, so the tower never reads values of device tensors.
 """
 
 from __future__ import annotations
@@ -20,7 +25,8 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import nn
-from transformers import AutoConfig, AutoModel
+from transformers import AutoModel
+from transformers.vision_utils import get_vision_cu_seqlens, get_vision_position_ids, get_vision_window_index
 
 from hcx_extend.config import InputContract, ModalityConfig
 from hcx_extend.encoders.base import (
@@ -28,13 +34,23 @@ from hcx_extend.encoders.base import (
     as_float_tensor,
     check_channels,
     check_finite,
+    check_items,
     check_length,
     check_rank,
 )
+from hcx_extend.encoders.hf_config import encoder_config
 
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 DEFAULTS = {"patch_size": 14, "spatial_merge_size": 2, "temporal_patch_size": 2, "in_channels": 3}
+# Sizes that must be integers >= 1; the heads must divide hidden_size.
+POSITIVE = ("depth", "hidden_size", "intermediate_size", "num_heads", "out_hidden_size", "patch_size",
+            "spatial_merge_size", "temporal_patch_size", "window_size", "in_channels")
+
+
+def vision_config(config: dict[str, Any], owner: str = "qwen2_5_vl_vision encoder"):
+    """transformers' ``Qwen2_5_VLVisionConfig`` for ``config``; bad settings raise a ValueError naming ``owner``."""
+    return encoder_config(config, owner, POSITIVE, divides=("num_heads", "hidden_size"))
 
 
 def _setting(config: dict[str, Any], key: str) -> int:
@@ -65,13 +81,17 @@ class QwenVisionEncoder(ModalityEncoder):
     kind = "image"
 
     def build(self, config: dict[str, Any]) -> nn.Module:
-        return AutoModel.from_config(AutoConfig.for_model(**config))
+        return AutoModel.from_config(vision_config(config))
 
     def output_size(self, config: dict[str, Any]) -> int:
-        return int(AutoConfig.for_model(**config).out_hidden_size)
+        return int(vision_config(config).out_hidden_size)
+
+    def resolve_contract(self, modality: ModalityConfig) -> InputContract:
+        vision_config(modality.encoder, modality.name)  # settings errors name the modality
+        return super().resolve_contract(modality)
 
     def default_contract(self, config: dict[str, Any]) -> InputContract:
-        return InputContract(kind="image", channels=_setting(config, "in_channels"), max_length=16384)
+        return InputContract(kind="image", channels=vision_config(config).in_channels, max_length=16384)
 
     def collate(self, items: list[Any], modality: ModalityConfig) -> dict[str, torch.Tensor]:
         config = modality.encoder
@@ -126,10 +146,39 @@ class QwenVisionEncoder(ModalityEncoder):
             check_length(int(count), modality, index, unit="patches")
         check_finite(pixels, modality)
 
+    def example_batch(self, modality: ModalityConfig, items: int, size: int | None,
+                      device: torch.device | str = "meta") -> dict[str, torch.Tensor]:
+        """``items`` square images of ``size`` pixels a side, resized as `collate` resizes them.
+
+        pixel_values ``(patches, row)`` on ``device``; grid_thw ``(items, 3)`` on the CPU.
+        """
+        check_items(items, modality)
+        if size is None or size < 1:
+            raise ValueError(f"{modality.name}: an example image batch needs a side in pixels >= 1, got {size!r}")
+        config = modality.encoder
+        patch, merge, temporal = (_setting(config, k) for k in ("patch_size", "spatial_merge_size", "temporal_patch_size"))
+        grid_side = max(patch * merge, round(size / (patch * merge)) * patch * merge) // patch
+        check_length(grid_side * grid_side, modality, unit="patches")
+        grid = torch.tensor([[1, grid_side, grid_side]] * items, dtype=torch.long)
+        row = _setting(config, "in_channels") * temporal * patch * patch
+        pixels = torch.empty(items * grid_side * grid_side, row, device=device, dtype=getattr(torch, modality.input.dtype))
+        return {"pixel_values": pixels, "grid_thw": grid}
+
     def encode(self, module: nn.Module, batch: dict[str, torch.Tensor], modality: ModalityConfig) -> list[torch.Tensor]:
         parameter = next(module.parameters())
         pixels = batch["pixel_values"].to(parameter.device, parameter.dtype)
-        output = module(pixels, grid_thw=batch["grid_thw"].to(parameter.device))
+        grid = batch["grid_thw"]
+        config = module.config
+        window_index, cu_window_seqlens = get_vision_window_index(grid, config.spatial_merge_size, config.window_size,
+                                                                  config.patch_size)
+        output = module(
+            pixels,
+            grid_thw=grid,
+            position_ids=get_vision_position_ids(grid, config.spatial_merge_size).to(parameter.device),
+            cu_seqlens=get_vision_cu_seqlens(grid),
+            window_index=window_index.to(parameter.device),
+            cu_window_seqlens=cu_window_seqlens,
+        )
         return list(torch.split(output.pooler_output, self.token_counts(batch, modality)))
 
 

@@ -1,7 +1,9 @@
 """``hcx-extend estimate`` and ``hcx-extend plan``: thin shells over `estimate_memory` and `plan_device_map`.
 
 Both read a preset name or a checkpoint folder's ``config.json`` and build the model on the meta
-device: no weights are loaded, so they run on a laptop for the full-size ``hcx-omni-8b``.
+device: no weights are loaded, so they run on a laptop for the full-size ``hcx-omni-8b``. Estimates are
+for a CUDA GPU unless ``args.device`` says "cpu" (`hcx_extend.memory.device_model`); a plan leaves room
+on its executing device for a ``args.batch`` x ``args.seq`` forward pass (default 1 x 2048).
 """
 
 from __future__ import annotations
@@ -9,12 +11,12 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from hcx_extend.checkpoint.sources import read_omni_config
 from hcx_extend.config import OmniConfig
 from hcx_extend.ladder import STRATEGIES
-from hcx_extend.layout import read_config_dict
-from hcx_extend.memory.activations import Workload
 from hcx_extend.memory.device_map import plan_device_map
 from hcx_extend.memory.estimate import INFERENCE, estimate_memory, weight_footprint
+from hcx_extend.memory.workload import Workload
 from hcx_extend.presets import PRESETS, preset_config
 from hcx_extend.units import human_bytes, human_count, parse_dtype
 
@@ -28,7 +30,7 @@ def target_config(target: str) -> tuple[OmniConfig, str]:
         return preset_config(target), f"{target} (preset)"
     path = Path(target)
     if path.is_dir() and (path / "config.json").exists():
-        return OmniConfig(**read_config_dict(path)), str(path)
+        return read_omni_config(path), str(path)
     raise ValueError(
         f"{target!r} is neither a preset ({', '.join(sorted(PRESETS))}) nor a folder with config.json; "
         "give one of those (weights are not needed)"
@@ -48,10 +50,12 @@ def run_estimate(args: argparse.Namespace) -> int:
             print(f"\n== {name}: skipped (it trains the LLM's weights, which cannot be held in {args.quant})")
             continue
         estimate = estimate_memory(config, name, workload, dtype=dtype, trained_dtype=trained_dtype, quant=args.quant,
-                                   gradient_checkpointing=args.gradient_checkpointing)
+                                   gradient_checkpointing=args.gradient_checkpointing,
+                                   device=getattr(args, "device", None) or "cuda")
         estimates.append(estimate)
         print(f"\n== {name}: {label}, batch {workload.batch} x {workload.seq} tokens, "
-              f"{_precision(estimate)}{', gradient checkpointing' if estimate.gradient_checkpointing else ''}")
+              f"{_precision(estimate)}{', gradient checkpointing' if estimate.gradient_checkpointing else ''}, "
+              f"on {estimate.device}")
         if estimate.modality_tokens:
             print("   items per sequence: " + ", ".join(f"{m} {n} tokens" for m, n in estimate.modality_tokens.items()))
         print(estimate.table())
@@ -102,7 +106,8 @@ def run_plan(args: argparse.Namespace) -> int:
     config, label = target_config(args.target)
     if not args.budget:
         raise ValueError("give at least one --budget DEVICE=SIZE (e.g. --budget cuda:0=24GB --budget cpu=64GB)")
-    plan = plan_device_map(config, args.budget, args.policy, dtype=args.dtype, quant=args.quant)
+    workload = Workload(batch=getattr(args, "batch", None) or 1, seq=getattr(args, "seq", None) or 2048)
+    plan = plan_device_map(config, args.budget, args.policy, dtype=args.dtype, quant=args.quant, workload=workload)
     print(f"{label}: weights in {args.dtype}{', LLM linears in ' + args.quant if args.quant else ''}")
     print(plan.table())
     print("\ndevice map (accelerate):")

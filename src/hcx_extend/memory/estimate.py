@@ -11,15 +11,21 @@ decoder layers and head) the estimate gives bytes of
   So with the default ``trained_dtype=float32``, trained parameters are held in fp32 (they *are* the
   fp32 master weights) and cost 16 bytes each (weight 4, gradient 4, moments 8), while frozen weights
   and activations use ``dtype``. ``trained_dtype=bfloat16`` is pure-bf16 AdamW: 8 bytes each;
-* activations: what autograd saves for backward, traced on the meta device
-  (`hcx_extend.memory.activations`); for inference, the KV cache of a prefill.
+* activations: what autograd saves for backward, traced on the meta device through the model's own
+  code (`hcx_extend.memory.activations`); for inference, the KV cache of a prefill.
 
 The number to compare with a GPU's memory is ``peak``: weights + optimiser state + the most bytes
 alive at once during the step (activations, logits and loss buffers, backward temporaries and
 gradients as they appear, simulated op by op on meta), or at the optimiser step (all gradients plus
 foreach AdamW's one temporary copy of the trained parameters), whichever is larger. Quantised layers
-add one dequantised weight matrix (bitsandbytes dequantises before each matmul). Activations assume
-fused attention kernels (flash / memory-efficient SDPA): no ``(L, L)`` attention matrix is kept.
+add one dequantised weight matrix (bitsandbytes dequantises before each matmul).
+
+``device`` says which machine the numbers are for (`hcx_extend.memory.device_model`): ``"cpu"`` counts
+exact tensor sizes and the CPU's flash attention kernel; ``"cuda"`` counts what
+``torch.cuda.max_memory_allocated`` counts: every tensor rounded up to the caching allocator's
+512-byte blocks, the attention kernel the GPU would pick for each call (fused kernels keep no
+``(L, L)`` matrix; the math fallback, e.g. fp32 grouped-query attention, does) with its backward
+scratch buffers, and the cuBLAS workspaces (one per thread that runs matmuls: two in training).
 
 LoRA parameters are counted from module shapes: ``r * (in + out)`` per adapted Linear. Which Linear
 layers are adapted is decided by the trainer's own rule, `hcx_extend.lora_targets`
@@ -39,23 +45,18 @@ import torch
 from torch import nn
 
 from hcx_extend.config import OmniConfig
-from hcx_extend.memory.activations import (
-    LoraEmulation,
-    StepTrace,
-    Workload,
-    component_of_parameter,
-    lora_parameter_count,
-    trace_prefill,
-    trace_training_step,
-)
 from hcx_extend.ladder import STRATEGIES, LoraSpec, Strategy, get_strategy, plan_strategy
 from hcx_extend.lora_targets import resolve_lora_targets
+from hcx_extend.memory.activations import StepTrace, trace_prefill, trace_training_step
+from hcx_extend.memory.components import LLM_ROWS, component_of_parameter
+from hcx_extend.memory.device_model import DeviceModel
+from hcx_extend.memory.lora_emulation import LoraEmulation, lora_parameter_count
 from hcx_extend.memory.quantize import check_method, quantizable_linears, quantized_weight_bytes
+from hcx_extend.memory.workload import Workload
 from hcx_extend.model import OmniForCausalLM
 from hcx_extend.units import human_bytes, human_count, parse_dtype
 
 INFERENCE = "inference"
-LLM_ROWS = ("language_model.embed_tokens", "language_model.layers", "language_model.lm_head")
 
 
 @dataclass
@@ -83,7 +84,9 @@ class MemoryEstimate:
         rows: one `ComponentMemory` per component, modality modules first, then the LLM.
         peak: the most bytes alive at once during one step (what must fit on the device).
         kv_cache: KV cache bytes after the prefill (inference).
-        untraced: encoder components whose activations could not be traced (no probe for their type).
+        untraced: encoder components whose activations could not be traced, with the reason.
+        device: the device model's name ("cpu" or "cuda").
+        workspaces: bytes of library workspaces in ``peak`` (cuBLAS on CUDA; 0 on the CPU).
     """
 
     strategy: str
@@ -96,7 +99,9 @@ class MemoryEstimate:
     peak: int
     kv_cache: int = 0
     modality_tokens: dict[str, int] = field(default_factory=dict)
-    untraced: list[str] = field(default_factory=list)
+    untraced: dict[str, str] = field(default_factory=dict)
+    device: str = "cpu"
+    workspaces: int = 0
 
     def row(self, name: str) -> ComponentMemory:
         for row in self.rows:
@@ -138,14 +143,16 @@ class MemoryEstimate:
             f"{gb(totals.weights)} {gb(totals.gradients)} {gb(totals.optimizer)} {gb(totals.activations)} "
             f"{gb(totals.total)}"
         )
+        if self.workspaces:
+            lines.append(f"{self.device} library workspaces (in the peak): {human_bytes(self.workspaces)}")
         if self.strategy == INFERENCE:
-            lines.append(f"peak during the prefill: {human_bytes(self.peak)} (weights, KV cache {human_bytes(self.kv_cache)}"
-                         ", working buffers)")
+            lines.append(f"peak during the prefill on {self.device}: {human_bytes(self.peak)} (weights, KV cache "
+                         f"{human_bytes(self.kv_cache)}, working buffers)")
         else:
-            lines.append(f"peak during one training step: {human_bytes(self.peak)} (gradients and activations are not "
-                         "all alive at once; logits, loss and backward buffers come on top)")
-        if self.untraced:
-            lines.append(f"activations not traced (no probe for the encoder type): {', '.join(self.untraced)}")
+            lines.append(f"peak during one training step on {self.device}: {human_bytes(self.peak)} (gradients and "
+                         "activations are not all alive at once; logits, loss and backward buffers come on top)")
+        for component, reason in self.untraced.items():
+            lines.append(f"activations not traced for {component}: {reason}")
         return "\n".join(lines)
 
 
@@ -196,6 +203,7 @@ def estimate_memory(
     modalities: list[str] | None = None,
     fresh: tuple[str, ...] | list[str] = (),
     foreach: bool = True,
+    device: str | DeviceModel = "cpu",
 ) -> MemoryEstimate:
     """Memory of one training step of ``strategy`` (or of an inference prefill), per component.
 
@@ -213,15 +221,18 @@ def estimate_memory(
             strategies train such encoders in full. Default: none (a pretrained checkpoint).
         foreach: AdamW's multi-tensor step (the default on GPUs) keeps one temporary copy of the
             trained parameters; False = the per-tensor loop (CPU), one tensor at a time.
+        device: "cpu", "cuda" or a `DeviceModel`: whose allocator, attention kernels and workspaces
+            the peak counts (module docstring).
 
     Returns:
         `MemoryEstimate`.
 
     Raises:
-        ValueError: unknown strategy / dtype / quantisation / modality, a quantised LLM that the
-            strategy trains in full, or items that do not fit in the sequence.
+        ValueError: unknown strategy / dtype / quantisation / modality / device, a quantised LLM that
+            the strategy trains in full, or items that do not fit in the sequence.
     """
     workload = workload or Workload()
+    device = DeviceModel.named(device)
     dtype, trained_dtype = parse_dtype(dtype), parse_dtype(trained_dtype)
     resolved = resolve_strategy(strategy)
     quant = check_method(quant if quant is not None else (resolved.quantize_llm if resolved else None))
@@ -251,17 +262,17 @@ def estimate_memory(
     else:
         twin.eval()
 
-    rows = _weight_rows(twin, trained_names, lora, quant, dtype, trained_dtype)
+    rows = _weight_rows(twin, trained_names, lora, quant, trained_dtype, device)
     try:
         if resolved is None:
-            trace = trace_prefill(twin, modalities, workload)
+            trace = trace_prefill(twin, modalities, workload, device)
         else:
-            trace = trace_training_step(twin, modalities, workload)
+            trace = trace_training_step(twin, modalities, workload, device)
     finally:
         for emulation in emulations:
             emulation.remove()
     return _assemble(rows, trace, twin, resolved, workload, dtype, trained_dtype, quant,
-                     gradient_checkpointing, foreach)
+                     gradient_checkpointing, foreach, device)
 
 
 def _set_train_mode(twin: OmniForCausalLM, gradient_checkpointing: bool) -> None:
@@ -273,7 +284,8 @@ def _set_train_mode(twin: OmniForCausalLM, gradient_checkpointing: bool) -> None
         twin.language_model.train()  # transformers only checkpoints layers in training mode
 
 
-def _weight_rows(twin, trained_names, lora, quant, dtype, trained_dtype) -> list[ComponentMemory]:
+def _weight_rows(twin, trained_names, lora, quant, trained_dtype, device: DeviceModel) -> list[ComponentMemory]:
+    """Weights, gradients and AdamW moments per row; each tensor counted as the device's allocator counts it."""
     rows: dict[str, ComponentMemory] = {}
     order = [name for name in twin.model.component_names() if name != "language_model"] + list(LLM_ROWS)
     for name in order:
@@ -283,27 +295,29 @@ def _weight_rows(twin, trained_names, lora, quant, dtype, trained_dtype) -> list
         for name, linear in quantizable_linears(twin.language_model):
             quantized[f"model.language_model.{name}.weight"] = quantized_weight_bytes(
                 linear.out_features, linear.in_features, quant)
+    blocks = device.block_bytes
     trained_bytes = trained_dtype.itemsize
     for name, parameter in twin.named_parameters():
         row = rows[component_of_parameter(name)]
         row.parameters += parameter.numel()
-        row.weights += quantized.get(name, parameter.numel() * parameter.element_size())
+        row.weights += blocks(quantized.get(name, parameter.numel() * parameter.element_size()))
         if name in trained_names:
             row.trained += parameter.numel()
-            row.gradients += parameter.numel() * trained_bytes
-            row.optimizer += 2 * parameter.numel() * trained_bytes
+            row.gradients += blocks(parameter.numel() * trained_bytes)
+            row.optimizer += 2 * blocks(parameter.numel() * trained_bytes)
     for row_name, spec, linear in lora:
-        count = lora_parameter_count(linear, spec.r)
         row = rows[row_name]
-        row.trained += count
-        row.weights += count * trained_bytes
-        row.gradients += count * trained_bytes
-        row.optimizer += 2 * count * trained_bytes
+        row.trained += lora_parameter_count(linear, spec.r)
+        # Two tensors per adapter: A (r x in) and B (out x r).
+        adapter = blocks(spec.r * linear.in_features * trained_bytes) + blocks(spec.r * linear.out_features * trained_bytes)
+        row.weights += adapter
+        row.gradients += adapter
+        row.optimizer += 2 * adapter
     return list(rows.values())
 
 
 def _assemble(rows, trace: StepTrace, twin, resolved, workload, dtype, trained_dtype, quant,
-              gradient_checkpointing, foreach) -> MemoryEstimate:
+              gradient_checkpointing, foreach, device: DeviceModel) -> MemoryEstimate:
     by_name = {row.name: row for row in rows}
     for component, saved in trace.saved.items():
         by_name[component].activations += saved
@@ -312,21 +326,23 @@ def _assemble(rows, trace: StepTrace, twin, resolved, workload, dtype, trained_d
     elif gradient_checkpointing:
         # Checkpointed layers keep only their input hidden states (the rest is recomputed in backward).
         text = twin.config.text_config
-        by_name["language_model.layers"].activations += (
-            text.num_hidden_layers * workload.batch * workload.seq * text.hidden_size * dtype.itemsize)
+        by_name["language_model.layers"].activations += text.num_hidden_layers * device.block_bytes(
+            workload.batch * workload.seq * text.hidden_size * dtype.itemsize)
     weights = sum(row.weights for row in rows)
     optimizer = sum(row.optimizer for row in rows)
     gradients = sum(row.gradients for row in rows)
     trained_bytes = trained_dtype.itemsize
-    largest_trained = max((p.numel() for p in twin.parameters() if p.requires_grad), default=0) * trained_bytes
+    largest_trained = device.block_bytes(
+        max((p.numel() for p in twin.parameters() if p.requires_grad), default=0) * trained_bytes)
     # foreach AdamW's sqrt(v) buffer is one copy of the trained parameters: as many bytes as their gradients.
     step_temporary = gradients if foreach else largest_trained
     dequantized = 0
     if quant:
-        dequantized = max((linear.weight.numel() for _, linear in quantizable_linears(twin.language_model)),
-                          default=0) * dtype.itemsize
+        dequantized = device.block_bytes(max((linear.weight.numel() for _, linear in quantizable_linears(
+            twin.language_model)), default=0) * dtype.itemsize)
     # The trainer's output object (its logits) lives until after the optimiser step.
     peak_dynamic = trace.peak if resolved is None else max(trace.peak, gradients + step_temporary + trace.logits)
+    workspaces = device.persistent_bytes(training=resolved is not None)
     return MemoryEstimate(
         strategy=resolved.name if resolved else INFERENCE,
         workload=workload,
@@ -335,10 +351,12 @@ def _assemble(rows, trace: StepTrace, twin, resolved, workload, dtype, trained_d
         quant=quant,
         gradient_checkpointing=gradient_checkpointing,
         rows=rows,
-        peak=weights + optimizer + peak_dynamic + dequantized,
+        peak=weights + optimizer + peak_dynamic + dequantized + workspaces,
         kv_cache=trace.kv_cache,
         modality_tokens=trace.modality_tokens,
         untraced=trace.untraced,
+        device=device.name,
+        workspaces=workspaces,
     )
 
 
@@ -347,5 +365,5 @@ def weight_footprint(model_or_config: OmniForCausalLM | OmniConfig, dtype: torch
     """Bytes of all weights with the LLM's Linear layers (not ``lm_head``) in ``quant`` (None = ``dtype``)."""
     dtype = parse_dtype(dtype)
     twin = meta_twin(model_or_config, dtype)
-    rows = _weight_rows(twin, set(), [], check_method(quant), dtype, dtype)
+    rows = _weight_rows(twin, set(), [], check_method(quant), dtype, DeviceModel.cpu())
     return sum(row.weights for row in rows)
