@@ -72,3 +72,19 @@ def test_bad_configs_raise_clear_errors():
         preset_config("tiny-hcx-omni").modality("lidar")
     with pytest.raises(ValueError, match="unknown modality fields"):
         OmniConfig(text_config=TEXT, modalities={"a": {"encoder": {"model_type": "imu"}, "chanels": 3}})
+
+
+def test_llm_config_fields_are_checked_where_the_config_is_made():
+    with pytest.raises(ValueError, match=r"text_config: hidden_size must be an integer >= 1, got '32'"):
+        OmniConfig(text_config={**TEXT, "hidden_size": "32"})
+    with pytest.raises(ValueError, match=r"text_config: num_attention_heads must be an integer >= 1, got 0"):
+        OmniConfig(text_config={**TEXT, "num_attention_heads": 0})
+    with pytest.raises(ValueError, match=r"text_config: .*rms_norm_eps"):  # transformers' own type check, wrapped
+        OmniConfig(text_config={**TEXT, "rms_norm_eps": "small"})
+    with pytest.raises(ValueError, match=r"text_config must be an object of the LLM's config fields, got 'x'"):
+        OmniConfig(text_config="x")
+    with pytest.raises(ValueError, match=r"dtype must name a torch dtype .* got 'float99'"):
+        OmniConfig(text_config=TEXT, dtype="float99")
+    with pytest.raises(ValueError, match=r"imu: a modality must be an object of ModalityConfig fields"):
+        OmniConfig(text_config=TEXT, modalities={"imu": None})
+    assert OmniConfig(text_config=TEXT).text_config.hidden_size == 32

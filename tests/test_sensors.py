@@ -6,6 +6,7 @@ import pytest
 from hcx_extend.data.basic_motions import CHANNELS, load_basic_motions, parse_activity, stratified_split
 from hcx_extend.data.sensors import (
     fit_normalization,
+    parse_csv_text,
     read_csv,
     read_npy,
     read_recording,
@@ -114,3 +115,28 @@ def test_parse_activity():
     assert parse_activity(" Walking.") == "walking"
     assert parse_activity("badminton<|im_end|>") == "badminton"
     assert parse_activity("the person is walking") == "other"
+
+
+def test_a_byte_order_mark_does_not_hide_the_first_channel(tmp_path):
+    # Spreadsheet programs start UTF-8 CSV files with one; it must not become part of the first name.
+    (tmp_path / "rec.csv").write_bytes("\ufeffacc_x,acc_y\n1,2\n".encode())
+    assert np.array_equal(read_csv(tmp_path / "rec.csv", ["acc_x"]), np.array([[1.0]], dtype=np.float32))
+    assert np.array_equal(parse_csv_text("\ufeffacc_x,acc_y\n1,2\n", channel_names=["acc_x"]), [[1.0]])
+
+
+def test_blank_lines_before_the_header_and_between_rows_are_skipped(tmp_path):
+    assert parse_csv_text("\n\na,b\n1,2\n\n3,4\n").tolist() == [[1.0, 2.0], [3.0, 4.0]]
+
+
+def test_resample_refuses_rates_that_are_not_positive_finite_numbers():
+    values = np.zeros((10, 2))
+    for bad in (0, -10.0, float("nan"), float("inf"), "10", True):
+        with pytest.raises(ValueError, match="sample rates must be positive numbers"):
+            resample(values, bad, 10.0)
+
+
+def test_reader_limits_are_checked():
+    with pytest.raises(ValueError, match=r"upload: max_length must be a positive integer or None, got 0"):
+        parse_csv_text("a\n1\n", "upload", max_length=0)
+    with pytest.raises(ValueError, match=r"upload: channel_names must be a list of column names, got 'a'"):
+        parse_csv_text("a\n1\n", "upload", channel_names="a")

@@ -6,6 +6,7 @@ Errors are one line, ``error: ...``, and exit code 2; ``--debug`` shows the trac
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import sys
 import traceback
@@ -71,12 +72,17 @@ def _rates(values: list[str], names: list[str]) -> dict[str, float]:
     rates: dict[str, float] = {}
     for value in values:
         name, separator, number = value.rpartition("=")
+        if separator and not name:
+            raise CommandError(f"--rate takes HZ or NAME=HZ, got {value!r}")
         targets = [name] if separator else names
+        if not targets:
+            raise CommandError(f"--rate {value} is given but there are no input files to resample; add --input "
+                               "NAME=FILE (or --imu FILE)")
         try:
             rate = float(number)
         except ValueError:
             raise CommandError(f"--rate takes HZ or NAME=HZ, got {value!r}") from None
-        if not rate > 0 or rate == float("inf"):
+        if not 0 < rate < math.inf:
             raise CommandError(f"--rate must be a positive number of samples per second, got {value!r}")
         rates.update({target: rate for target in targets})
     return rates
@@ -160,7 +166,40 @@ class _Parser(argparse.ArgumentParser):
     """argparse with one-line errors: ``error: ...`` and exit code 2."""
 
     def error(self, message: str):
-        self.exit(2, f"error: {message} (see {self.prog} --help)\n")
+        self.exit(2, f"error: {' '.join(message.split())} (see {self.prog} --help)\n")
+
+
+# Numeric options shared by several commands, by their argparse dest, and what they must be. argparse
+# checks only the type; 0 epochs or a negative batch would otherwise start loading a model first, or
+# (demo: a falsy value means "the default") be silently replaced.
+_POSITIVE_INTEGERS = ("epochs", "batch_size", "max_new_tokens", "grad_accum", "eval_every", "patience", "threads",
+                      "stride", "batch", "seq")
+_NON_NEGATIVE_INTEGERS = ("warmup_steps",)
+_POSITIVE_NUMBERS = ("lr", "projector_lr", "adapter_lr")
+_NON_NEGATIVE_NUMBERS = ("temperature",)
+
+
+def check_arguments(args: argparse.Namespace) -> None:
+    """Refuse numeric options outside their range before a command starts (see `_POSITIVE_INTEGERS`).
+
+    Raises:
+        CommandError: naming the option and the value.
+    """
+    def option(dest: str) -> str:
+        return "--" + dest.replace("_", "-")
+
+    for dest in _POSITIVE_INTEGERS + _NON_NEGATIVE_INTEGERS:
+        value = getattr(args, dest, None)
+        low = 1 if dest in _POSITIVE_INTEGERS else 0
+        if value is not None and value < low:
+            raise CommandError(f"{option(dest)} must be an integer >= {low}, got {value}")
+    for dest in _POSITIVE_NUMBERS + _NON_NEGATIVE_NUMBERS:
+        value = getattr(args, dest, None)
+        if value is None:
+            continue
+        if not math.isfinite(value) or value < 0 or (dest in _POSITIVE_NUMBERS and value == 0):
+            bound = "> 0" if dest in _POSITIVE_NUMBERS else ">= 0"
+            raise CommandError(f"{option(dest)} must be a finite number {bound}, got {value}")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -276,15 +315,26 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Run one command; returns its exit code.
+
+    Every error, whatever the command and whatever raised it, is one line ``error: ...`` on stderr and
+    exit code 2 (130 for Ctrl-C); ``--debug`` prints the traceback before that line. ``--help`` exits 0.
+    """
     parser = build_parser()
-    args, extra = parser.parse_known_args(argv)
-    # argparse gives an optional positional (chat's PROMPT) its empty match before the options that follow
-    # the checkpoint are read; a single string left over is that prompt.
-    if extra and args.command == "chat" and args.prompt is None and len(extra) == 1 and not extra[0].startswith("-"):
-        args.prompt, extra = extra[0], []
-    if extra:
-        parser.error(f"unrecognized arguments: {' '.join(extra)}")
     try:
+        args, extra = parser.parse_known_args(argv)
+        # argparse gives an optional positional (chat's PROMPT) its empty match before the options that follow
+        # the checkpoint are read; a single string left over is that prompt.
+        if extra and args.command == "chat" and args.prompt is None and len(extra) == 1 and not extra[0].startswith("-"):
+            args.prompt, extra = extra[0], []
+        if extra:
+            parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    except SystemExit as exit:
+        if exit.code in (0, None):
+            raise  # --help
+        return 2  # _Parser.error printed the line
+    try:
+        check_arguments(args)
         return args.run(args)
     except KeyboardInterrupt:
         print("error: interrupted", file=sys.stderr)
@@ -292,11 +342,10 @@ def main(argv: list[str] | None = None) -> int:
     except Exception as error:  # noqa: BLE001 - the CLI's boundary: one line per error, a traceback on --debug
         if args.debug:
             traceback.print_exc()
-        expected = isinstance(error, (CommandError, ValueError, FileNotFoundError, PermissionError, IsADirectoryError,
-                                      NotADirectoryError))
+        expected = isinstance(error, (CommandError, ValueError, OSError))
         message = str(error) if expected else f"{type(error).__name__}: {error} (an unexpected error; rerun with " \
                                                "--debug for the traceback and report it)"
-        print(f"error: {' '.join(message.split())}", file=sys.stderr)
+        print(f"error: {' '.join(message.split()) or type(error).__name__}", file=sys.stderr)
         return 2
 
 

@@ -25,6 +25,8 @@ import re
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
+import torch
+from huggingface_hub.errors import StrictDataclassError
 from transformers import AutoConfig, PreTrainedConfig
 from transformers.configuration_utils import SubConfigSpec
 
@@ -81,10 +83,11 @@ class InputContract:
             if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 1):
                 raise ValueError(f"input.{key} must be a positive integer or null, got {value!r}")
         if self.sample_rate is not None and (not isinstance(self.sample_rate, (int, float))
-                                             or isinstance(self.sample_rate, bool) or not self.sample_rate > 0):
+                                             or isinstance(self.sample_rate, bool) or not self.sample_rate > 0
+                                             or not math.isfinite(self.sample_rate)):
             raise ValueError(f"input.sample_rate must be a positive number (samples per second) or null, "
                              f"got {self.sample_rate!r}")
-        if self.dtype not in ("float32", "float16", "bfloat16", "float64"):
+        if not isinstance(self.dtype, str) or self.dtype not in ("float32", "float16", "bfloat16", "float64"):
             raise ValueError(f"input.dtype must be float32, float16, bfloat16 or float64, got {self.dtype!r}")
         if self.channel_names is not None:
             if not isinstance(self.channel_names, list) or not all(isinstance(n, str) for n in self.channel_names):
@@ -95,6 +98,13 @@ class InputContract:
 
     @classmethod
     def from_dict(cls, modality: str, data: dict[str, Any]) -> InputContract:
+        """The contract in ``data`` (a config file's ``input`` object).
+
+        Raises:
+            ValueError: ``"<modality>: ..."`` for unknown fields, a missing kind, or a field of the wrong type.
+        """
+        if not isinstance(data, dict):
+            raise ValueError(f"{modality}: input must be an object of InputContract fields, got {data!r}")
         known = {f.name for f in fields(cls)}
         unknown = set(data) - known
         if unknown:
@@ -208,10 +218,22 @@ class ModalityConfig:
 
     @classmethod
     def from_dict(cls, name: str, data: dict[str, Any]) -> ModalityConfig:
+        """The modality ``name`` described by ``data`` (a config file's entry under ``modalities``).
+
+        Raises:
+            ValueError: ``"<name>: ..."`` for anything missing, unknown or of the wrong type.
+        """
+        if not isinstance(data, dict):
+            raise ValueError(f"{name}: a modality must be an object of ModalityConfig fields "
+                             f"(encoder, projector, input, ...), got {data!r}")
         known = {f.name for f in fields(cls)}
-        unknown = set(data) - known
+        unknown = {str(key) for key in data} - known
         if unknown:
             raise ValueError(f"{name}: unknown modality fields {sorted(unknown)}; known: {sorted(known)}")
+        if "encoder" not in data:
+            raise ValueError(f"{name}: needs an 'encoder' with a 'model_type' (e.g. {{\"model_type\": \"imu\"}})")
+        if "name" in data and data["name"] != name:
+            raise ValueError(f"{name}: its 'name' field says {data['name']!r}; leave it out or make them agree")
         data = {k: v for k, v in data.items() if k != "name"}
         return cls(name=name, **copy.deepcopy(data))
 
@@ -243,7 +265,7 @@ def _modalities_from_flat_fields(kwargs: dict[str, Any]) -> dict[str, ModalityCo
     img_start_id = kwargs.pop("img_start_id", HCX_IMAGE_TOKEN_ID)
     video_start_id = kwargs.pop("video_start_id", HCX_VIDEO_TOKEN_ID)
     if vision is not None:
-        vision = _as_dict(vision)
+        vision = _as_dict(vision, "vision_config")
         if vision.get("model_type") in ("qwen2_5_vl", "qwen2_5_vl_visual"):
             vision["model_type"] = "qwen2_5_vl_vision"
         modalities["image"] = ModalityConfig("image", encoder=vision, projector={"type": mm_projector_type},
@@ -254,22 +276,58 @@ def _modalities_from_flat_fields(kwargs: dict[str, Any]) -> dict[str, ModalityCo
     audio_projector_type = kwargs.pop("audio_projector_type", "mlp")
     audio_start_id = kwargs.pop("audio_start_id", None)
     if audio is not None:
-        modalities["audio"] = ModalityConfig("audio", encoder=_as_dict(audio), projector={"type": audio_projector_type},
-                                             token_id=audio_start_id)
+        modalities["audio"] = ModalityConfig("audio", encoder=_as_dict(audio, "audio_config"),
+                                             projector={"type": audio_projector_type}, token_id=audio_start_id)
     sensor = kwargs.pop("sensor_config", None)
     sensor_path = kwargs.pop("sensor_model_name_or_path", None)
     sensor_projector_type = kwargs.pop("sensor_projector_type", "mlp")
     sensor_start_id = kwargs.pop("sensor_start_id", HCX_SENSOR_TOKEN_ID)
     if sensor is not None:
-        sensor = _as_dict(sensor)
+        sensor = _as_dict(sensor, "sensor_config")
         sensor.setdefault("model_type", "imu")
         modalities["sensor"] = ModalityConfig("sensor", encoder=sensor, projector={"type": sensor_projector_type},
                                               token_id=sensor_start_id, pretrained=sensor_path)
     return modalities
 
 
-def _as_dict(config: dict | PreTrainedConfig) -> dict[str, Any]:
-    return config.to_dict() if isinstance(config, PreTrainedConfig) else dict(config)
+def _as_dict(config: dict | PreTrainedConfig, key: str) -> dict[str, Any]:
+    if isinstance(config, PreTrainedConfig):
+        return config.to_dict()
+    if not isinstance(config, dict):
+        raise ValueError(f"{key} must be an object of encoder settings, got {config!r}")
+    return dict(config)
+
+
+def _text_config(text_config: Any) -> PreTrainedConfig:
+    """``text_config`` (a dict, a config or None) as the LLM's transformers config, or a ValueError naming the field."""
+    if text_config is not None and not isinstance(text_config, (dict, PreTrainedConfig)):
+        raise ValueError(f"text_config must be an object of the LLM's config fields, got {text_config!r}")
+    if isinstance(text_config, dict):
+        for key in _TEXT_CONFIG_SIZES:
+            value = text_config.get(key)
+            if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 1):
+                raise ValueError(f"text_config: {key} must be an integer >= 1, got {value!r}")
+    try:
+        config, _ = OmniConfig.sub_configs_defaults["text_config"].create_subconfig("text_config", text_config)
+    except _CONFIG_ERRORS as error:
+        raise ValueError(f"text_config: {_short(error)}") from None
+    return config
+
+
+def _short(error: BaseException, limit: int = 400) -> str:
+    """An error's message on one line, cut at ``limit`` characters (transformers lists every model type)."""
+    text = " ".join(str(error).split())
+    return text if len(text) <= limit else text[:limit] + " ..."
+
+
+# Sizes of the LLM that must be integers >= 1 when its config has them; transformers checks their types
+# but not their signs, and a zero or negative width fails later as a division by zero or a complex number.
+_TEXT_CONFIG_SIZES = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+                      "num_key_value_heads", "max_position_embeddings", "head_dim")
+
+# What transformers raises for config fields it cannot use: its strict-dataclass checks (not a ValueError),
+# arithmetic on nonsense sizes, attribute lookups on values of the wrong type.
+_CONFIG_ERRORS = (StrictDataclassError, TypeError, ValueError, KeyError, AttributeError, ArithmeticError)
 
 
 class OmniConfig(PreTrainedConfig):
@@ -278,6 +336,10 @@ class OmniConfig(PreTrainedConfig):
     ``modalities`` accepts `ModalityConfig` objects or plain dicts (as read from config.json) and
     always holds `ModalityConfig` objects afterwards. The Omni hub's and the extension guide's flat
     fields (see the module docstring) are accepted as keyword arguments and mapped onto it.
+
+    Raises:
+        ValueError: for any field of the wrong type or value, naming the field (``text_config: ...``,
+            ``<modality>: ...``); never a TypeError or transformers' own validation error.
     """
 
     model_type = "hcx_omni"
@@ -289,7 +351,17 @@ class OmniConfig(PreTrainedConfig):
     def __post_init__(self, **kwargs):
         kwargs.pop("model_type", None)  # "vlm" in the Omni hub config; ours is fixed
         flat_modalities = _modalities_from_flat_fields(kwargs)
-        super().__post_init__(**kwargs)
+        self.text_config = _text_config(self.text_config)
+        for key, value in (("dtype", self.dtype), ("torch_dtype", kwargs.get("torch_dtype"))):
+            if value is not None and not isinstance(value, torch.dtype) and not (
+                    isinstance(value, str) and isinstance(getattr(torch, value, None), torch.dtype)):
+                raise ValueError(f"{key} must name a torch dtype (float32, bfloat16, ...) or be null, got {value!r}")
+        try:
+            super().__post_init__(**kwargs)
+        except _CONFIG_ERRORS as error:
+            raise ValueError(f"config: {_short(error)}") from None
+        if self.modalities is not None and not isinstance(self.modalities, dict):
+            raise ValueError(f"modalities must be an object mapping names to modality configs, got {self.modalities!r}")
         modalities = {}
         for name, entry in (self.modalities or {}).items():
             modalities[name] = entry if isinstance(entry, ModalityConfig) else ModalityConfig.from_dict(name, entry)
@@ -326,6 +398,8 @@ class OmniConfig(PreTrainedConfig):
     def add_modality(self, modality: ModalityConfig | dict[str, Any], name: str | None = None) -> ModalityConfig:
         """Add a modality (object or dict) and re-validate; returns the stored `ModalityConfig`."""
         if isinstance(modality, dict):
+            if name is None and not isinstance(modality.get("name"), str):
+                raise ValueError(f"a modality dict needs a 'name'; got keys {sorted(map(str, modality))}")
             modality = ModalityConfig.from_dict(name or modality["name"], modality)
         if modality.name in self.modalities:
             raise ValueError(f"modality {modality.name!r} already exists; remove it first or pick another name")

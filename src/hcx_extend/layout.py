@@ -12,9 +12,11 @@ and dicts between memory and files, and every error names the file it is about.
 
 from __future__ import annotations
 
+import glob
 import json
 import os
 import re
+import secrets
 import shutil
 import tempfile
 from contextlib import contextmanager
@@ -65,18 +67,38 @@ def component_of(key: str) -> str:
 
 # ---------------------------------------------------------------------------------------- reading
 def read_json(path: Path) -> Any:
-    """A JSON file's content; a ValueError naming the file when it is not valid UTF-8 JSON."""
+    """A JSON file's content.
+
+    Raises:
+        FileNotFoundError: ``"<path> does not exist"``.
+        ValueError: naming the file: not UTF-8, not JSON (truncated, corrupt), a folder, not readable.
+    """
     try:
         return json.loads(Path(path).read_text(encoding="utf-8"))
     except FileNotFoundError:
         raise FileNotFoundError(f"{path} does not exist") from None
     except (UnicodeDecodeError, json.JSONDecodeError) as error:
         raise ValueError(f"{path}: not valid JSON ({error}); the file may be truncated or corrupt") from None
+    except IsADirectoryError:
+        raise ValueError(f"{path} is a folder, not a JSON file") from None
+    except OSError as error:  # permissions, I/O errors
+        raise ValueError(f"{path}: cannot be read ({error.strerror or error})") from None
+    except RecursionError:
+        raise ValueError(f"{path}: JSON nested too deeply to read") from None
 
 
 def read_config_dict(directory: Path) -> dict[str, Any]:
-    """``directory/config.json`` as a dict."""
+    """``directory/config.json`` as a dict.
+
+    Raises:
+        FileNotFoundError: no such folder, or no config.json in it.
+        ValueError: config.json is not a JSON object (see `read_json`).
+    """
     path = Path(directory) / CONFIG_FILE
+    if not Path(directory).exists():
+        raise FileNotFoundError(f"{directory} does not exist")
+    if not Path(directory).is_dir():
+        raise ValueError(f"{directory} is a file, not a checkpoint folder")
     if not path.exists():
         raise FileNotFoundError(f"{directory} has no {CONFIG_FILE}")
     config = read_json(path)
@@ -94,10 +116,15 @@ def safetensors_files(directory: Path) -> list[Path]:
     directory = Path(directory)
     index = directory / INDEX_FILE
     if index.exists():
-        weight_map = read_json(index).get("weight_map")
+        content = read_json(index)
+        weight_map = content.get("weight_map") if isinstance(content, dict) else None
         if not isinstance(weight_map, dict) or not weight_map:
             raise ValueError(f"{index}: has no 'weight_map'; the index is corrupt")
-        files = [directory / name for name in sorted(set(weight_map.values()))]
+        names = set(weight_map.values())
+        if not all(isinstance(name, str) and SHARD_PATTERN.fullmatch(name) for name in names):
+            odd = sorted(repr(name) for name in names if not isinstance(name, str) or not SHARD_PATTERN.fullmatch(name))
+            raise ValueError(f"{index}: the weight_map names files that are not shards of this folder: {odd[:3]}")
+        files = [directory / name for name in sorted(names)]
         missing = [f.name for f in files if not f.exists()]
         if missing:
             raise FileNotFoundError(f"{index} lists shards that are missing: {missing[:3]}")
@@ -115,7 +142,14 @@ def safetensors_files(directory: Path) -> list[Path]:
 
 
 def iter_safetensors_file(path: Path) -> Iterator[tuple[str, torch.Tensor]]:
-    """``(key, tensor)`` of one safetensors file, read one tensor at a time."""
+    """``(key, tensor)`` of one safetensors file, read one tensor at a time.
+
+    Raises:
+        FileNotFoundError: ``"<path> does not exist"``.
+        ValueError: naming the file when it is not a complete safetensors file (truncated, corrupt, a folder).
+    """
+    if Path(path).is_dir():
+        raise ValueError(f"{path} is a folder, not a safetensors file")
     try:
         with safe_open(path, framework="pt", device="cpu") as reader:
             for key in reader.keys():
@@ -136,11 +170,14 @@ def safetensors_keys(directory: Path) -> set[str]:
     """The tensor names of a checkpoint folder, without reading any tensor."""
     keys: set[str] = set()
     for path in safetensors_files(directory):
+        if path.is_dir():
+            raise ValueError(f"{path} is a folder, not a safetensors file")
         try:
             with safe_open(path, framework="pt") as reader:
                 keys.update(reader.keys())
-        except (SafetensorError, OSError) as error:
-            raise ValueError(f"{path}: not a readable safetensors file ({error})") from None
+        except (SafetensorError, OSError, RuntimeError) as error:
+            raise ValueError(f"{path}: not a readable safetensors file ({error}); it may be truncated or "
+                             "corrupt") from None
     return keys
 
 
@@ -189,13 +226,24 @@ def replace_folder(target: str | os.PathLike, keep: Callable[[Path], bool] = lam
     The staging folder is a sibling of ``target`` (same file system, so renames are atomic). Files of
     an existing ``target`` for which ``keep(path)`` is true are carried over first (hard links where
     possible, else copies). On success the old folder is renamed aside, the staging folder renamed to
-    ``target``, and the old one removed; on an exception (or a kill) the staging folder is dropped and
-    ``target`` is untouched. A crash between the two renames leaves ``target`` missing and
-    ``.<name>.old-*/folder`` beside it holding the complete old folder.
+    ``target``, and the old one removed; on an exception the staging folder is dropped and ``target``
+    is untouched. A kill at any moment leaves ``target`` as it was before, as it is after, or (between
+    the two renames) missing with ``.<name>.old-*/folder`` beside it holding the complete old folder:
+    `recover_folder`, which every `replace_folder` runs first, moves that back and drops the leftovers
+    of killed writes. One writer per folder at a time.
+
+    Raises:
+        ValueError: ``target`` (or a folder above it) exists and is not a folder.
     """
     target = Path(target)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}.staging-"))
+    if target.exists() and not target.is_dir():
+        raise ValueError(f"{target} exists and is not a folder; choose another path")
+    try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+    except (FileExistsError, NotADirectoryError):
+        raise ValueError(f"{target}: cannot create it, a file stands where a folder above it must be") from None
+    recover_folder(target)
+    staging = _new_folder(target.parent, f".{target.name}.staging-")
     try:
         if target.is_dir():
             for path in target.iterdir():
@@ -207,13 +255,58 @@ def replace_folder(target: str | os.PathLike, keep: Callable[[Path], bool] = lam
         shutil.rmtree(staging, ignore_errors=True)
         raise
     if target.exists():
-        old = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}.old-"))
+        old = _new_folder(target.parent, f".{target.name}.old-")
         os.replace(target, old / "folder")
         os.replace(staging, target)
+        _fsync_dir(target.parent)
         shutil.rmtree(old, ignore_errors=True)
     else:
         os.replace(staging, target)
     _fsync_dir(target.parent)
+
+
+def interrupted_save_hint(target: str | os.PathLike) -> str:
+    """For a missing ``target``: where a save killed between its renames left the previous version, or ""."""
+    target = Path(target)
+    if not target.parent.is_dir():
+        return ""
+    aside = sorted(target.parent.glob(f".{glob.escape(target.name)}.old-*/folder"))
+    if not aside:
+        return ""
+    return (f"; a save of it was interrupted and left the previous version in {aside[-1]}: the next save to "
+            f"{target} puts it back (hcx_extend.layout.recover_folder), or move it back yourself")
+
+
+def _new_folder(parent: Path, prefix: str) -> Path:
+    """A new empty folder ``parent/prefix<random>`` with the permissions of ``mkdir`` (tempfile's are 0700)."""
+    while True:
+        path = parent / f"{prefix}{secrets.token_hex(4)}"
+        try:
+            path.mkdir()
+        except FileExistsError:
+            continue
+        return path
+
+
+def recover_folder(target: str | os.PathLike) -> None:
+    """Undo what a killed `replace_folder` left beside ``target``.
+
+    When ``target`` is missing and a complete old folder waits in ``.<name>.old-*/folder`` (a kill
+    between the two renames), it is moved back. Staging folders of killed writes and old folders
+    whose replacement finished are removed. Nothing else is touched.
+    """
+    target = Path(target)
+    if not target.parent.is_dir():
+        return
+    olds = sorted(target.parent.glob(f".{glob.escape(target.name)}.old-*"), key=lambda p: p.stat().st_mtime)
+    if not target.exists():
+        for old in reversed(olds):
+            if (old / "folder").is_dir():
+                os.replace(old / "folder", target)
+                _fsync_dir(target.parent)
+                break
+    for leftover in olds + sorted(target.parent.glob(f".{glob.escape(target.name)}.staging-*")):
+        shutil.rmtree(leftover, ignore_errors=True)
 
 
 def _carry(source: Path, destination: Path) -> None:
@@ -252,11 +345,15 @@ def _fsync_dir(path: Path) -> None:
 
 
 def atomic_write_text(path: str | os.PathLike, text: str) -> None:
-    """Write a small file so that readers see the old content or the new, never a part."""
+    """Write a small file so that readers see the old content or the new, never a part.
+
+    The file gets the permissions a plain ``open(path, "w")`` would give it (an existing file's).
+    """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
     try:
+        os.chmod(temporary, path.stat().st_mode & 0o7777 if path.exists() else 0o666 & ~_umask())
         with os.fdopen(handle, "w", encoding="utf-8") as file:
             file.write(text)
             file.flush()
@@ -265,6 +362,26 @@ def atomic_write_text(path: str | os.PathLike, text: str) -> None:
     except BaseException:
         Path(temporary).unlink(missing_ok=True)
         raise
+
+
+def recover_file(path: str | os.PathLike) -> None:
+    """Remove the temporary files a killed `atomic_write_text` of ``path`` left beside it (one writer per file)."""
+    path = Path(path)
+    if path.parent.is_dir():
+        for leftover in path.parent.glob(f".{glob.escape(path.name)}.*"):
+            if leftover.is_file() and len(leftover.name) == len(path.name) + 10:  # mkstemp adds 8 characters
+                leftover.unlink(missing_ok=True)
+
+
+def _umask() -> int:
+    """The process's umask, read without changing it (Linux: /proc); 0o022 where it cannot be read."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
+    return 0o022
 
 
 def iter_named(tensors: Iterable[tuple[str, torch.Tensor]], rename) -> Iterator[tuple[str, torch.Tensor]]:

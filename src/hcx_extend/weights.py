@@ -100,7 +100,8 @@ def load_tensors(
         ``model.fresh_components`` the components initialised here.
 
     Raises:
-        ValueError: shape mismatches always; unexpected or missing tensors when ``strict``.
+        ValueError: shape mismatches (and integer tensors where the model has floating ones) always;
+            unexpected or missing tensors when ``strict``.
     """
     expected = dict(model.state_dict(keep_vars=True))
     components = set(model.model.component_names())
@@ -113,6 +114,8 @@ def load_tensors(
         if key in expected:
             if tuple(expected[key].shape) != tuple(tensor.shape):
                 mismatched.append(f"{key}: {source} {tuple(tensor.shape)}, model {tuple(expected[key].shape)}")
+            elif expected[key].is_floating_point() != tensor.is_floating_point():
+                mismatched.append(f"{key}: {source} holds {tensor.dtype}, the model {expected[key].dtype}")
             elif component_of(key) not in new_components:
                 loaded[key] = tensor
         elif component_of(key) in components:
@@ -121,7 +124,7 @@ def load_tensors(
         else:
             carried[key] = tensor
     if mismatched:
-        raise ValueError(f"{source}: shapes do not match the config:\n  " + "\n  ".join(mismatched[:20]))
+        raise ValueError(f"{source}: shapes or dtypes do not match the config:\n  " + "\n  ".join(mismatched[:20]))
     if strict and unexpected:
         raise ValueError(
             f"{source}: tensors inside built components match no parameter: "

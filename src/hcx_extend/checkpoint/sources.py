@@ -16,17 +16,22 @@ Tensors are streamed (`hcx_extend.layout.iter_safetensors`), so describing a sou
 from __future__ import annotations
 
 import os
+import struct
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable
 
 import torch
+from huggingface_hub.errors import StrictDataclassError
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
+from hcx_extend.checkpoint.modality_file import check_modality
 from hcx_extend.config import HCX_IMAGE_TOKEN_ID, HCX_VIDEO_TOKEN_ID, ModalityConfig, OmniConfig
 from hcx_extend.layout import (
+    CONFIG_FILE,
     hcx_key_from_causal_lm,
     hcx_key_from_vision_v2,
+    interrupted_save_hint,
     iter_named,
     iter_safetensors,
     read_config_dict,
@@ -34,6 +39,7 @@ from hcx_extend.layout import (
 )
 
 OMNI_TYPES = ("hcx_omni", "vlm")
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json")
 VISION_V2_TYPE = "hyperclovax_vision_v2"
 
 
@@ -61,56 +67,97 @@ def load_tokenizer(directory: Path, **kwargs) -> Any:
 
     transformers can return a tokenizer with an empty vocabulary for a folder that has no tokenizer
     files; that is treated as no tokenizer, so a placeholder id is never taken from it.
+
+    Raises:
+        ValueError: ``directory`` has tokenizer files that cannot be read (truncated, corrupt), naming them.
     """
     try:
         tokenizer = AutoTokenizer.from_pretrained(str(directory), **kwargs)
-    except (OSError, ValueError, TypeError, KeyError):
+    except Exception as error:  # noqa: BLE001 - the tokenizers library raises bare Exceptions for corrupt files
+        present = [name for name in TOKENIZER_FILES if (Path(directory) / name).is_file()]
+        if present:
+            raise ValueError(f"{directory}: its tokenizer ({', '.join(present)}) cannot be read "
+                             f"({' '.join(str(error).split())[:300] or type(error).__name__}); the file may be "
+                             "truncated or corrupt") from None
         return None
     return tokenizer if len(tokenizer) > 0 else None
 
 
 def read_source(path: str | os.PathLike) -> Source:
-    """Recognise what ``path`` holds and describe it as a `Source` (nothing is downloaded)."""
+    """Recognise what ``path`` holds and describe it as a `Source` (nothing is downloaded).
+
+    Raises:
+        FileNotFoundError: ``path`` does not exist, or a folder lacks config.json or weights.
+        ValueError: naming the file that is wrong: config.json (its fields checked as `read_omni_config`
+            does), a safetensors file or index, tokenizer files, a .gguf file.
+    """
     path = Path(path)
     if path.is_file() and path.suffix == ".gguf":
         return _read_gguf(path)
     if not path.exists():
-        raise FileNotFoundError(f"{path} does not exist")
+        raise FileNotFoundError(f"{path} does not exist{interrupted_save_hint(path)}")
     if not path.is_dir():
         raise ValueError(f"{path} is neither a checkpoint folder nor a .gguf file")
     raw = read_config_dict(path)
     model_type = raw.get("model_type")
-    tokenizer = load_tokenizer(path)
+    # The config is checked before the tokenizer is read: transformers reads config.json for it too, and
+    # would warn about a broken one before the clear error below.
     if model_type in (*OMNI_TYPES, VISION_V2_TYPE):
         keys = safetensors_keys(path)
         vision_v2 = model_type == VISION_V2_TYPE or any(
             k.startswith(("model.vision_projector.", "model.projector.")) for k in keys)
         if vision_v2:
-            return Source("vision_v2", _config_from_vision_v2(raw, path),
-                          iter_named(iter_safetensors(path), hcx_key_from_vision_v2), tokenizer, path)
-        return Source("omni", _omni_config(raw, path), iter_safetensors(path), tokenizer, path)
-    if not model_type:
-        raise ValueError(f"{path}/config.json has no model_type; it is not a checkpoint this package can read")
+            config = _config_from_vision_v2(raw, path)
+            return Source("vision_v2", config, iter_named(iter_safetensors(path), hcx_key_from_vision_v2),
+                          load_tokenizer(path), path)
+        config = _omni_config(raw, path)
+        return Source("omni", config, iter_safetensors(path), load_tokenizer(path), path)
+    if not isinstance(model_type, str) or not model_type:
+        raise ValueError(f"{path / CONFIG_FILE} has no model_type; it is not a checkpoint this package can read")
     try:
         text_config = AutoConfig.from_pretrained(str(path), local_files_only=True)
-    except (OSError, ValueError, TypeError, KeyError) as error:
-        raise ValueError(f"{path}/config.json: not a config transformers can read ({error})") from None
-    config = OmniConfig(text_config=text_config.to_dict(), modalities={})
-    return Source("causal_lm", config, iter_named(iter_safetensors(path), hcx_key_from_causal_lm), tokenizer, path)
+    except (OSError, StrictDataclassError, ValueError, TypeError, KeyError, AttributeError, ArithmeticError) as error:
+        raise ValueError(f"{path / CONFIG_FILE}: not a config transformers can read "
+                         f"({' '.join(str(error).split())[:300]})") from None
+    try:
+        config = OmniConfig(text_config=text_config.to_dict(), modalities={})
+    except ValueError as error:
+        raise ValueError(f"{path / CONFIG_FILE}: {error}") from None
+    return Source("causal_lm", config, iter_named(iter_safetensors(path), hcx_key_from_causal_lm),
+                  load_tokenizer(path), path)
+
+
+def read_omni_config(directory: str | os.PathLike) -> OmniConfig:
+    """The `OmniConfig` in ``directory/config.json``, every modality checked (`check_modality`).
+
+    The one reader of an omni folder's config for everything that builds a model from it: a wrong
+    type, a missing field or an encoder setting its constructor rejects fails here, naming the file,
+    not deep inside torch.
+
+    Raises:
+        FileNotFoundError: no such folder or no config.json in it.
+        ValueError: ``"<folder>/config.json: <what is wrong>"``.
+    """
+    directory = Path(directory)
+    return _omni_config(read_config_dict(directory), directory)
 
 
 def _omni_config(raw: dict[str, Any], path: Path) -> OmniConfig:
     try:
-        return OmniConfig(**raw)
-    except (TypeError, ValueError) as error:
-        raise ValueError(f"{path}/config.json: {error}") from None
+        config = OmniConfig(**raw)
+        for modality in config.modalities.values():
+            check_modality(modality)
+    except ValueError as error:
+        raise ValueError(f"{path / CONFIG_FILE}: {error}") from None
+    return config
 
 
 def _config_from_vision_v2(raw: dict[str, Any], path: Path) -> OmniConfig:
     """HyperCLOVAXVisionV2: one vision tower shared by image and video, one Linear projector."""
     raw = dict(raw)
-    if "vision_config" not in raw or "text_config" not in raw:
-        raise ValueError(f"{path}/config.json: a HyperCLOVAXVisionV2 config needs vision_config and text_config")
+    if not isinstance(raw.get("vision_config"), dict) or not isinstance(raw.get("text_config"), dict):
+        raise ValueError(f"{path / CONFIG_FILE}: a HyperCLOVAXVisionV2 config needs vision_config and text_config "
+                         "objects")
     vision = dict(raw["vision_config"])
     if vision.get("model_type") in ("qwen2_5_vl", "qwen2_5_vl_visual", None):
         vision["model_type"] = "qwen2_5_vl_vision"
@@ -119,21 +166,34 @@ def _config_from_vision_v2(raw: dict[str, Any], path: Path) -> OmniConfig:
     text["tie_word_embeddings"] = raw.get("tie_word_embeddings", True)
     image_id = raw.get("image_token_id", HCX_IMAGE_TOKEN_ID)
     video_id = raw.get("video_token_id", HCX_VIDEO_TOKEN_ID)
-    return OmniConfig(
-        text_config=text,
-        modalities={
-            "image": ModalityConfig("image", encoder=vision, projector={"type": "linear"}, token_id=image_id),
-            "video": ModalityConfig("video", encoder=vision, projector={"type": "linear"}, token_id=video_id),
-        },
-    )
+    try:
+        config = OmniConfig(
+            text_config=text,
+            modalities={
+                "image": ModalityConfig("image", encoder=vision, projector={"type": "linear"}, token_id=image_id),
+                "video": ModalityConfig("video", encoder=vision, projector={"type": "linear"}, token_id=video_id),
+            },
+        )
+        for modality in config.modalities.values():
+            check_modality(modality)
+    except ValueError as error:
+        raise ValueError(f"{path / CONFIG_FILE}: {error}") from None
+    return config
+
+
+# What the gguf reader raises for a file that is not a complete GGUF model (a truncated file fails inside
+# struct.unpack or NumPy's buffer views).
+_GGUF_ERRORS = (OSError, EOFError, ValueError, KeyError, IndexError, TypeError, RuntimeError, struct.error,
+                StrictDataclassError)
 
 
 def _read_gguf(path: Path) -> Source:
     try:
         llm = AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name)
         tokenizer = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
-    except (OSError, ValueError, KeyError) as error:
-        raise ValueError(f"{path}: could not read as a GGUF model ({error})") from None
+    except _GGUF_ERRORS as error:
+        raise ValueError(f"{path}: could not read as a GGUF model ({' '.join(str(error).split())[:300]}); the file "
+                         "may be truncated or corrupt") from None
     state = llm.state_dict()
     if getattr(llm.config, "tie_word_embeddings", False):
         state.pop("lm_head.weight", None)

@@ -53,16 +53,27 @@ def read_modality_files(config: OmniConfig, files: dict[str, Sequence[str | os.P
     modality's rate when both are known. Other kinds read ``.npy`` arrays.
 
     Raises:
-        ValueError / FileNotFoundError: naming the file and what is wrong; an unknown modality; a rate <= 0.
+        FileNotFoundError: a file does not exist (named).
+        ValueError: naming the file and what is wrong; an unknown modality; a rate that is not a finite
+            number > 0, given for a modality without files or for one whose contract has no sample_rate.
     """
     rates = rates or {}
+    stray = sorted(set(rates) - set(files))
+    if stray:
+        raise ValueError(f"a sample rate is given for {stray} but no files of {'it' if len(stray) == 1 else 'them'}")
     items: dict[str, list[np.ndarray]] = {}
     for name, paths in files.items():
         modality = config.modality(name)
         rate = rates.get(name)
-        if rate is not None and (isinstance(rate, bool) or not isinstance(rate, (int, float)) or not rate > 0):
+        if rate is not None and (isinstance(rate, bool) or not isinstance(rate, (int, float)) or not 0 < rate < np.inf):
             raise ValueError(f"{name}: the sample rate must be a positive number of samples per second, got {rate!r}")
         contract = modality.input
+        if rate is not None and (contract is None or contract.kind != "sensor" or not contract.sample_rate):
+            raise ValueError(f"{name}: a sample rate of {rate:g} Hz was given, but the modality does not declare the "
+                             "rate it expects (input.sample_rate), so nothing can be resampled; drop the rate or set "
+                             f"modalities.{name}.input.sample_rate")
+        if isinstance(paths, (str, os.PathLike)):
+            raise ValueError(f"{name}: expected a list of files, got one path {str(paths)!r}")
         loaded = []
         for path in paths:
             if contract is not None and contract.kind == "sensor":
@@ -72,6 +83,9 @@ def read_modality_files(config: OmniConfig, files: dict[str, Sequence[str | os.P
                 values = read_recording(path, contract.channel_names, max_length=limit)
                 if rate and contract.sample_rate:
                     values = resample(values, rate, contract.sample_rate)
+                    if contract.max_length and len(values) > contract.max_length:
+                        raise ValueError(f"{path}: {len(values)} time steps at {contract.sample_rate:g} Hz, more than "
+                                         f"the maximum of {contract.max_length}; split it into windows")
             else:
                 values = read_npy(path)
             loaded.append(values)
@@ -83,15 +97,20 @@ def read_jsonl(path: str | os.PathLike, config: OmniConfig) -> list[Example]:
     """The examples of a JSONL file (format in the module docstring).
 
     Raises:
+        FileNotFoundError: no such file, or a missing item file (named with the line that refers to it).
         ValueError: naming the file and line for malformed lines, unknown modalities or bad items.
     """
     path = Path(path)
     try:
-        lines = path.read_text(encoding="utf-8").splitlines()
+        lines = path.read_text(encoding="utf-8-sig").splitlines()
     except FileNotFoundError:
         raise FileNotFoundError(f"{path} does not exist") from None
     except UnicodeDecodeError as error:
-        raise ValueError(f"{path}: not UTF-8 text ({error.reason})") from None
+        raise ValueError(f"{path}: not UTF-8 text ({error.reason} at byte {error.start})") from None
+    except IsADirectoryError:
+        raise ValueError(f"{path} is a folder, not a JSONL file") from None
+    except OSError as error:
+        raise ValueError(f"{path}: cannot be read ({error.strerror or error})") from None
     examples = []
     for number, line in enumerate(lines, start=1):
         if not line.strip():
@@ -99,7 +118,7 @@ def read_jsonl(path: str | os.PathLike, config: OmniConfig) -> list[Example]:
         where = f"{path}:{number}"
         try:
             record = json.loads(line)
-        except json.JSONDecodeError as error:
+        except (json.JSONDecodeError, RecursionError) as error:
             raise ValueError(f"{where}: not JSON ({error})") from None
         if not isinstance(record, dict) or not isinstance(record.get("messages"), list) or not record["messages"]:
             raise ValueError(f"{where}: needs 'messages' (a non-empty list of {{'role', 'content'}}) and optionally "
