@@ -6,12 +6,9 @@ early stopping, and checkpoints that hold only the trained parameters plus the f
 that is interrupted resumes from its last checkpoint and continues as if it had never stopped: the
 data order, dropout randomness, optimiser and schedule all come back.
 
-Checkpoint folder (``output_dir/last`` and ``output_dir/best``)::
-
-    trainable.safetensors   trained parameters under their HCX names, and the RNG state
-    optimizer.pt            optimiser state (read back with torch.load(weights_only=True))
-    state.json              step, epoch, position in the epoch, history, best score, schedule
-    config.json             the model's full OmniConfig (normalisation statistics included)
+Checkpoints (``output_dir/last`` after every save, ``output_dir/best`` at the best evaluation) hold the
+trained parameters, the optimiser and RNG state, the progress and the full config; they are replaced
+atomically, so a process killed at any moment resumes to the same result (`hcx_extend.training.resume`).
 
 Several processes (``accelerate launch``): each global batch is split across processes and the
 gradients are averaged, so the result does not depend on the process count.
@@ -22,7 +19,6 @@ from __future__ import annotations
 import contextlib
 import json
 import math
-import os
 import sys
 import time
 from dataclasses import asdict, dataclass
@@ -31,95 +27,31 @@ from typing import Any, Callable, Sequence
 
 import torch
 from accelerate import Accelerator, DistributedDataParallelKwargs
-from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
 from hcx_extend.config import IGNORE_INDEX
 from hcx_extend.data.examples import Example
 from hcx_extend.ladder import get_strategy
+from hcx_extend.layout import atomic_write_text
 from hcx_extend.memory.activations import Workload
 from hcx_extend.memory.estimate import estimate_memory
 from hcx_extend.model import OmniForCausalLM
 from hcx_extend.processor import OmniProcessor
 from hcx_extend.training.report import trainable_report
+from hcx_extend.training.resume import (
+    LOG_FILE,
+    TRAINED_FILE,
+    find_resume_folder,
+    read_best,
+    read_optimizer_state,
+    read_state,
+    read_trained,
+    recover_leftovers,
+    write_checkpoint_folder,
+)
+from hcx_extend.training.settings import RESUME_KEYS, TrainConfig
 from hcx_extend.training.strategies import apply_strategy
 from hcx_extend.units import human_bytes
-
-RNG_KEY = "__rng_state__"
-# Settings a resumed run must share with the run it continues.
-RESUME_KEYS = ("strategy", "modalities", "epochs", "batch_size", "learning_rate", "weight_decay", "warmup_steps",
-               "min_lr_ratio", "lr_schedule", "projector_lr", "adapter_lr", "max_grad_norm", "seed")
-
-
-@dataclass
-class TrainConfig:
-    """Settings of a run.
-
-    Args:
-        strategy: a name from `hcx_extend.ladder.STRATEGIES`.
-        modalities: modalities the strategy trains (None = all).
-        epochs / batch_size: passes over the data and samples per optimiser step (global).
-        learning_rate / weight_decay / warmup_steps / min_lr_ratio: AdamW with linear warm-up then
-            cosine decay to ``min_lr_ratio * learning_rate``.
-        lr_schedule: "cosine" (default), "linear" (both decay to ``min_lr_ratio``) or "constant", after warm-up.
-        projector_lr / adapter_lr: learning rates for projector parameters and for LoRA adapter parameters
-            (None = ``learning_rate``).
-        gradient_accumulation_steps: split each batch into this many micro-batches (same result, less memory).
-        mixed_precision: "no", "bf16" or "fp16" autocast (accelerate).
-        gradient_checkpointing: recompute the LLM's layer activations in the backward pass (less memory,
-            about a third more compute).
-        max_grad_norm: gradient clipping (None = off).
-        eval_every_steps: evaluate every N steps (None = after every epoch).
-        patience: stop after this many evaluations without a better score (None = never).
-        target_score: stop as soon as an evaluation's score reaches this (None = never).
-        max_steps: stop after this many steps in all (None = run every epoch).
-        save_every_steps: also write the resume checkpoint every N steps (None = at evaluations only).
-        output_dir: where checkpoints and ``log.jsonl`` go (None = keep nothing on disk).
-        resume: continue from ``output_dir/last`` when it exists.
-        seed: data order and dropout.
-        progress: show a progress bar.
-    """
-
-    strategy: str = "new-encoder"
-    modalities: Sequence[str] | None = None
-    epochs: int = 10
-    batch_size: int = 8
-    learning_rate: float = 3e-4
-    weight_decay: float = 0.01
-    warmup_steps: int = 0
-    min_lr_ratio: float = 0.1
-    lr_schedule: str = "cosine"
-    projector_lr: float | None = None
-    adapter_lr: float | None = None
-    gradient_accumulation_steps: int = 1
-    mixed_precision: str = "no"
-    gradient_checkpointing: bool = False
-    max_grad_norm: float | None = 1.0
-    eval_every_steps: int | None = None
-    patience: int | None = None
-    target_score: float | None = None
-    max_steps: int | None = None
-    save_every_steps: int | None = None
-    output_dir: str | None = None
-    resume: bool = True
-    seed: int = 0
-    progress: bool = True
-
-    def __post_init__(self):
-        for name in ("epochs", "batch_size", "gradient_accumulation_steps"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
-        for name in ("learning_rate", "projector_lr", "adapter_lr"):
-            value = getattr(self, name)
-            if value is not None and value <= 0:
-                raise ValueError(f"{name} must be positive, got {value}")
-        if self.lr_schedule not in ("cosine", "linear", "constant"):
-            raise ValueError(f"lr_schedule must be cosine, linear or constant, got {self.lr_schedule!r}")
-        if self.mixed_precision not in ("no", "bf16", "fp16"):
-            raise ValueError(f"mixed_precision must be no, bf16 or fp16, got {self.mixed_precision!r}")
-        if self.batch_size % self.gradient_accumulation_steps:
-            raise ValueError(f"batch_size {self.batch_size} must be divisible by gradient_accumulation_steps "
-                             f"{self.gradient_accumulation_steps}")
 
 
 @dataclass
@@ -236,9 +168,10 @@ class Trainer:
         self.log(f"strategy {self.strategy.name}: {self.strategy.summary}")
         self.log(trainable_report(self.accelerator.unwrap_model(self.model)))
         self.log(self._memory_report())
-        if self.config.resume and self.output_dir and (self.output_dir / "last" / "state.json").exists():
-            self._load_checkpoint(self.output_dir / "last")
-            self.log(f"resumed from {self.output_dir / 'last'} at step {self.step}")
+        resume_from = self._resume_folder() if self.config.resume and self.output_dir else None
+        if resume_from is not None:
+            self._load_checkpoint(resume_from)
+            self.log(f"resumed from {resume_from} at step {self.step}")
         started = time.perf_counter()
         train_seconds = sum(h.get("seconds", 0.0) for h in self.history if "loss" in h)
         stopped_early = False
@@ -382,30 +315,33 @@ class Trainer:
                 parameter.copy_(state[name])
 
     def _save_checkpoint(self, directory: Path) -> None:
+        """Write a checkpoint folder (`hcx_extend.training.resume`), replacing ``directory`` atomically."""
         self.accelerator.wait_for_everyone()
         if not self.accelerator.is_main_process:
             return
-        staging = directory.with_name(directory.name + ".tmp")
-        staging.mkdir(parents=True, exist_ok=True)
-        tensors = {name: p.detach().to("cpu").contiguous() for name, p in self._trainable_named()}
-        tensors[RNG_KEY] = torch.get_rng_state()
-        save_file(tensors, staging / "trainable.safetensors", metadata={"format": "pt"})
-        torch.save(self.optimizer.state_dict(), staging / "optimizer.pt")
         state = {"step": self.step, "finished": self.finished, "history": self.history, "best": self.best,
                  "evals_without_improvement": self.evals_without_improvement,
                  "scheduler": self.scheduler.state_dict(), "train_config": _jsonable(asdict(self.config)),
                  "components": self.components}
-        (staging / "state.json").write_text(json.dumps(state, indent=1))
-        (staging / "config.json").write_text(json.dumps(self.accelerator.unwrap_model(self.model).config.to_dict(),
-                                                        indent=2, sort_keys=True, default=str))
-        if directory.exists():
-            for old in directory.iterdir():
-                old.unlink()
-            directory.rmdir()
-        os.replace(staging, directory)
+        write_checkpoint_folder(directory, {name: p.detach().to("cpu").contiguous() for name, p in self._trainable_named()},
+                                self.optimizer.state_dict(), state,
+                                self.accelerator.unwrap_model(self.model).config.to_dict())
+
+    def _resume_folder(self) -> Path | None:
+        """The checkpoint to resume from (`find_resume_folder`), after undoing what a killed save left."""
+        if self.accelerator.is_main_process:  # one process renames and removes; the others wait for it
+            recover_leftovers(self.output_dir)
+        self.accelerator.wait_for_everyone()
+        return find_resume_folder(self.output_dir)
 
     def _load_checkpoint(self, directory: Path) -> None:
-        state = json.loads((directory / "state.json").read_text())
+        """Restore parameters, optimiser, schedule, history and RNG from a checkpoint folder.
+
+        Raises:
+            ValueError: naming the file: another run's settings or parameters, a truncated or corrupt
+                file, an optimizer.pt holding anything but tensors and plain containers (it is not unpickled).
+        """
+        state = read_state(directory / "state.json")
         saved, current = state["train_config"], _jsonable(asdict(self.config))
         different = [k for k in RESUME_KEYS if saved.get(k) != current.get(k)]
         if different:
@@ -413,27 +349,40 @@ class Trainer:
                 f"{directory} holds a run with other settings ({', '.join(f'{k}: {saved.get(k)} vs {current.get(k)}' for k in different)}); "
                 "use another output_dir or resume=False"
             )
-        tensors = load_file(directory / "trainable.safetensors")
-        rng = tensors.pop(RNG_KEY)
-        names = {name for name, _ in self._trainable_named()}
-        if set(tensors) != names:
+        tensors, rng = read_trained(directory / TRAINED_FILE)
+        expected = dict(self._trainable_named())
+        if set(tensors) != set(expected):
             raise ValueError(
                 f"checkpoint {directory} trains other parameters than this run "
-                f"(missing {sorted(names - set(tensors))[:3]}, extra {sorted(set(tensors) - names)[:3]})"
+                f"(missing {sorted(set(expected) - set(tensors))[:3]}, extra {sorted(set(tensors) - set(expected))[:3]})"
             )
+        wrong = [f"{n} {tuple(t.shape)} vs {tuple(expected[n].shape)}" for n, t in tensors.items()
+                 if t.shape != expected[n].shape]
+        if wrong:
+            raise ValueError(f"{directory / TRAINED_FILE}: parameter shapes differ from this run's: {wrong[:3]}")
+        try:
+            self.optimizer.load_state_dict(read_optimizer_state(directory / "optimizer.pt"))
+            self.scheduler.load_state_dict(state["scheduler"])
+        except (KeyError, TypeError, IndexError, RuntimeError) as error:
+            raise ValueError(f"{directory}: the optimiser or schedule state does not fit this run ({error})") from None
+        except ValueError as error:
+            if str(error).startswith(str(directory)):
+                raise
+            raise ValueError(f"{directory}: the optimiser or schedule state does not fit this run ({error})") from None
         self._load_trainable(tensors)
-        self.optimizer.load_state_dict(torch.load(directory / "optimizer.pt", weights_only=True))
-        self.scheduler.load_state_dict(state["scheduler"])
         self.step = state["step"]
-        self.finished = state.get("finished", False)
+        self.finished = bool(state.get("finished", False))
         self.history = state["history"]
-        self.best = state["best"]
+        self.best = state.get("best")
         self.evals_without_improvement = state["evals_without_improvement"]
-        if self.best is not None and (directory.parent / "best" / "trainable.safetensors").exists():
-            best = load_file(directory.parent / "best" / "trainable.safetensors")
-            best.pop(RNG_KEY)
-            self.best_state = best
-        torch.set_rng_state(rng)
+        self.best_state = read_best(directory.parent / "best", self.best["step"] if self.best else None)
+        if self.accelerator.is_main_process:
+            # Records logged after this checkpoint (and a line cut by a kill) are replaced by the checkpoint's.
+            atomic_write_text(self.output_dir / LOG_FILE, "".join(json.dumps(r) + "\n" for r in self.history))
+        try:
+            torch.set_rng_state(rng)
+        except (RuntimeError, TypeError) as error:
+            raise ValueError(f"{directory / TRAINED_FILE}: the stored RNG state is not usable ({error})") from None
 
 
 def _jsonable(value: Any) -> Any:
