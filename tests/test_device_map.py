@@ -138,6 +138,15 @@ def test_bad_budgets_raise_clear_errors(budgets, policy, message):
         plan_device_map(preset_config("hcx-omni-8b"), budgets, policy)
 
 
+def test_a_cpu_budget_that_would_leave_every_unit_on_disk_is_refused():
+    model = OmniForCausalLM(OmniConfig(text_config=dict(SMALL_LLM)))
+    units = placement_units(model, torch.float32)
+    # A layer + its forward pass fit, but once the 512 KB head in flight is kept too, not even the embeddings do.
+    layer = next(u.nbytes for u in units if u.role == "layer")
+    with pytest.raises(ValueError, match="holds no unit once it keeps room"):
+        plan_device_map(model, {"cpu": layer + 200_000, "disk": "1GB"}, dtype=torch.float32, workload=SHORT)
+
+
 def test_a_gpu_that_holds_a_layer_but_not_its_forward_pass_is_refused():
     config = preset_config("hcx-omni-8b")
     layer = next(u.nbytes for u in placement_units(build_preset("hcx-omni-8b", device="meta")) if u.role == "layer")

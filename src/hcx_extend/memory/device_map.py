@@ -219,6 +219,13 @@ def plan_device_map(
         if needed <= reserve:
             break
         reserve = needed
+    if all(device == "disk" for _, device in placements):
+        # accelerate cannot dispatch a map with nothing resident, and every unit would be read from disk per pass.
+        raise ValueError(
+            f"{executor} budget {human_bytes(budgets[executor])} holds no unit once it keeps room for the offloaded "
+            f"weights in flight ({human_bytes(reserve)}) and the activations ({human_bytes(activations)}); raise it "
+            f"to at least {reserve + activations + units[0].nbytes:,} bytes"
+        )
     plan = DevicePlan(
         device_map={name: accelerate_device(device) for unit, device in placements for name in unit.names},
         placements=placements,
