@@ -892,8 +892,7 @@ def _(tmp, files):
     return ["info", str(folder)], [str(folder / "config.json"), "hidden_size"]
 
 
-@cli_case("estimate: an LLM width as a string in config.json",
-          needs="memory.commands.target_config: read the config with hcx_extend.checkpoint.sources.read_omni_config")
+@cli_case("estimate: an LLM width as a string in config.json")
 def _(tmp, files):
     folder = checkpoint_with(files, tmp, lambda c: c["text_config"].update(hidden_size="64"))
     return ["estimate", str(folder)], [str(folder / "config.json"), "hidden_size"]
