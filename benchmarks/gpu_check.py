@@ -130,7 +130,7 @@ def check_estimator(device: torch.device) -> None:
 
 # ---------------------------------------------------------------------------------------- 2. planner + dispatch
 def check_dispatch(model, device: torch.device, reference_logits: torch.Tensor) -> None:
-    from hcx_extend.memory import dispatch_checkpoint, plan_device_map
+    from hcx_extend.memory import Workload, dispatch_checkpoint, plan_device_map
     from hcx_extend.units import human_bytes
 
     executor = "cuda:0" if device.type == "cuda" else "cpu"
@@ -140,7 +140,9 @@ def check_dispatch(model, device: torch.device, reference_logits: torch.Tensor) 
     with tempfile.TemporaryDirectory(prefix="hcx-gpu-check-") as folder:
         started = time.perf_counter()
         model.save_pretrained(Path(folder) / "checkpoint", max_shard_size="1GB")
-        plan = plan_device_map(model, budgets, dtype=next(model.parameters()).dtype)
+        # Room for the forward passes this check runs (the prompt plus 2 decoding steps, no modality items).
+        plan = plan_device_map(model, budgets, dtype=next(model.parameters()).dtype,
+                               workload=Workload(batch=1, seq=PROMPT_TOKENS + 2), modalities=[])
         log(plan.table())
         if device.type == "cuda":
             torch.cuda.empty_cache()

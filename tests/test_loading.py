@@ -173,3 +173,13 @@ def test_placeholders_never_collide_with_existing_tokens(llm_folder, tmp_path, t
     extended = extend(llm_folder, [imu_modality("imu", **IMU)], tokenizer=tokenizer)
     assert extended.model.config.modality("imu").token_id == 259
     assert tokenizer.convert_ids_to_tokens(259) == "<|IMU_PAD|>"
+
+
+def test_a_dtype_applies_to_weights_not_to_rotary_tables(llm_folder, tmp_path):
+    """transformers keeps rotary inverse frequencies in float32; casting them with the weights would
+    round them and change the logits of every position."""
+    extend(llm_folder, [imu_modality("imu", **IMU)], output_dir=tmp_path / "full")
+    model = OmniForCausalLM.from_pretrained(tmp_path / "full", dtype="bf16")
+    assert {p.dtype for p in model.parameters()} == {torch.bfloat16}
+    rotary = [b for n, b in model.named_buffers() if "inv_freq" in n]
+    assert rotary and all(b.dtype == torch.float32 for b in rotary)

@@ -193,6 +193,14 @@ class OmniForCausalLM(PreTrainedModel, GenerationMixin):
                     f"{vocab}"
                 )
 
+    def cast_weights(self, dtype: torch.dtype | str) -> None:
+        """Hold every floating parameter in ``dtype``; buffers keep theirs (transformers keeps rotary tables
+        in float32, and ``model.to(dtype)`` would round them, changing the logits)."""
+        dtype = parse_dtype(dtype)
+        for parameter in self.parameters():
+            if parameter.is_floating_point():
+                parameter.data = parameter.data.to(dtype)
+
     def set_train_mode(self) -> None:
         """Training mode (dropout on) only for components that learn; frozen ones stay deterministic.
 
@@ -444,7 +452,7 @@ class OmniForCausalLM(PreTrainedModel, GenerationMixin):
             model = cls(config)
         report = load_tensors(model, iter_safetensors(directory), strict=strict, source=str(directory))
         if dtype is not None:
-            model.to(parse_dtype(dtype))
+            model.cast_weights(dtype)
         model.tie_weights()
         model.eval()
         return model, report

@@ -22,7 +22,6 @@ from hcx_extend.config import ModalityConfig
 from hcx_extend.layout import iter_safetensors, iter_safetensors_file, replace_folder
 from hcx_extend.model import OmniForCausalLM
 from hcx_extend.processor import align_tokens
-from hcx_extend.units import parse_dtype
 from hcx_extend.weights import LoadReport, load_tensors
 
 
@@ -96,7 +95,7 @@ def extend(
     report = load_tensors(model, source.tensors, new_components=new_components,
                           source=str(source.path or source.kind))
     if dtype is not None:
-        model.to(parse_dtype(dtype))
+        model.cast_weights(dtype)
     model.tie_weights()
     model.eval()
     _load_pretrained_encoders(model, added)
