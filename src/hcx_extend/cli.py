@@ -22,6 +22,7 @@ from hcx_extend.presets import imu_modality
 from hcx_extend.processor import OmniProcessor
 from hcx_extend.recipes import activity, sequence, train
 from hcx_extend.runs import load_model, merge_run
+from hcx_extend.serve import ServeOptions, default_model_name, run_server
 from hcx_extend.summary import describe, model_for_info
 
 
@@ -93,7 +94,7 @@ def cmd_chat(args: argparse.Namespace) -> int:
     if args.imu:
         files.setdefault("imu", []).extend(args.imu)
     rates = _rates(args.rate, list(files))
-    model, tokenizer = load_model(args.checkpoint, base=args.base)
+    model, tokenizer = load_model(args.checkpoint, base=args.base, device=args.device)
     if tokenizer is None:
         raise ValueError(f"{args.checkpoint} has no tokenizer; save the LLM's tokenizer beside its weights")
     processor = OmniProcessor(tokenizer, model.config)
@@ -126,7 +127,7 @@ def cmd_merge(args: argparse.Namespace) -> int:
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
-    model, tokenizer = load_model(args.checkpoint, base=args.base)
+    model, tokenizer = load_model(args.checkpoint, base=args.base, device=args.device)
     processor = OmniProcessor(tokenizer, model.config)
     examples = read_jsonl(args.data, model.config)
     evaluation = evaluate_examples(model, processor, examples, GenerationSettings(max_new_tokens=args.max_new_tokens),
@@ -147,18 +148,14 @@ def cmd_plan(args: argparse.Namespace) -> int:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
-    try:  # fastapi and uvicorn come with the optional serve extra
-        from hcx_extend.serve import ServeOptions, default_model_name, run_server
-    except ImportError as error:
-        raise CommandError(f"hcx-extend serve needs the serve extra ({error}); install it with "
-                           "pip install 'hcx-extend[serve]' (scripts/setup.sh does)") from None
     options = ServeOptions(
         host=args.host, port=args.port, api_key=args.api_key or os.environ.get("HCX_EXTEND_API_KEY") or None,
         model_name=args.model_name or default_model_name(args.checkpoint), max_batch_size=args.max_batch_size,
         batch_window_s=args.batch_window_ms / 1000, max_queue=args.max_queue, max_body_bytes=args.max_body_bytes,
         max_tokens_limit=args.max_tokens_limit, default_max_tokens=args.default_max_tokens,
         request_timeout_s=args.request_timeout)
-    run_server(args.checkpoint, options, base=args.base, threads=args.threads, log_level=args.log_level)
+    run_server(args.checkpoint, options, base=args.base, threads=args.threads, log_level=args.log_level,
+               device=args.device)
     return 0
 
 
@@ -231,6 +228,7 @@ def build_parser() -> argparse.ArgumentParser:
     chat.add_argument("--rate", action="append", default=[], metavar="[NAME=]HZ",
                       help="sample rate of the files in Hz; resampled to the modality's rate")
     chat.add_argument("--base", default=None, help="where a run checkpoint's base model is, if it moved")
+    chat.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto (default: a GPU if there is one)")
     chat.add_argument("--max-new-tokens", type=int, default=32)
     chat.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
     chat.set_defaults(run=cmd_chat)
@@ -251,6 +249,7 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--output", default=None, help="folder for evaluation.json and confusion_matrix.png "
                     "(default: CHECKPOINT/../evaluation)")
     ev.add_argument("--base", default=None, help="where a run checkpoint's base model is, if it moved")
+    ev.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto (default: a GPU if there is one)")
     ev.add_argument("--max-new-tokens", type=int, default=16)
     ev.add_argument("--batch-size", type=int, default=16)
     ev.set_defaults(run=cmd_evaluate)
@@ -264,6 +263,9 @@ def build_parser() -> argparse.ArgumentParser:
     est.add_argument("--dtype", default="bf16", help="weight and activation dtype: bf16, fp16, fp32 (default bf16)")
     est.add_argument("--quant", default=None, help="hold the LLM's linear layers in nf4 or int8 (default: per strategy)")
     est.add_argument("--gradient-checkpointing", action="store_true", help="keep one activation per layer")
+    est.add_argument("--device", default="cuda", choices=["cuda", "cpu"],
+                     help="the device to estimate for: cuda (default) adds allocator rounding, kernel workspaces and the "
+                     "attention kernel a GPU picks; cpu counts tensors only")
     est.add_argument("--trained-dtype", default="fp32",
                      help="dtype of trained parameters, their gradients and AdamW moments: fp32 (default) or bf16")
     est.set_defaults(run=cmd_estimate)
@@ -275,6 +277,8 @@ def build_parser() -> argparse.ArgumentParser:
     plan.add_argument("--policy", default="auto", help="auto or encoders-on-cpu (default auto)")
     plan.add_argument("--dtype", default="bf16", help="weight dtype (default bf16)")
     plan.add_argument("--quant", default=None, help="nf4 or int8 for the LLM's linear layers")
+    plan.add_argument("--batch", type=int, default=1, help="sequences per forward pass to leave room for (default 1)")
+    plan.add_argument("--seq", type=int, default=2048, help="tokens per sequence to leave room for (default 2048)")
     plan.set_defaults(run=cmd_plan)
 
     serve = commands.add_parser("serve", help="an OpenAI-compatible chat-completions server for sensor inputs, "
@@ -285,6 +289,7 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY' on /v1/* (default: "
                        "$HCX_EXTEND_API_KEY, else no key)")
     serve.add_argument("--base", default=None, help="where a run checkpoint's base model is, if it moved")
+    serve.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto (default: a GPU if there is one)")
     serve.add_argument("--model-name", default=None, help="the model id clients name (default: the checkpoint's "
                        "folder, or its run's folder for .../checkpoint)")
     serve.add_argument("--max-batch-size", type=int, default=32, help="requests generated together (default 32)")

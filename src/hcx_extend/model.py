@@ -29,6 +29,7 @@ from transformers.modeling_outputs import CausalLMOutputWithPast
 
 from hcx_extend.compressors import build_compressor, compressed_length
 from hcx_extend.config import IGNORE_INDEX, ModalityConfig, OmniConfig
+from hcx_extend.devices import move_to_device
 from hcx_extend.encoders import get_encoder
 from hcx_extend.layout import iter_safetensors, read_config_dict, write_checkpoint
 from hcx_extend.projectors import build_projector
@@ -85,17 +86,6 @@ class OmniModel(nn.Module):
     def component_names(self) -> list[str]:
         """Top-level module names under ``model.``: ``language_model`` first, then modality modules."""
         return [name for name, _ in self.named_children()]
-
-
-def move_to_device(value: Any, device: torch.device) -> Any:
-    """``value`` with every tensor inside it (nested dicts, lists, tuples) on ``device``."""
-    if isinstance(value, torch.Tensor):
-        return value.to(device, non_blocking=True)
-    if isinstance(value, dict):
-        return {key: move_to_device(item, device) for key, item in value.items()}
-    if isinstance(value, (list, tuple)):
-        return type(value)(move_to_device(item, device) for item in value)
-    return value
 
 
 class OmniForCausalLM(PreTrainedModel, GenerationMixin):
@@ -445,11 +435,10 @@ class OmniForCausalLM(PreTrainedModel, GenerationMixin):
                 "with hcx_extend.extend(path, ...)"
             )
         try:
-            config = OmniConfig(**raw)
-        except (TypeError, ValueError) as error:
+            with init_empty_weights(include_buffers=False):
+                model = cls(OmniConfig(**raw))
+        except (TypeError, ValueError, KeyError) as error:
             raise ValueError(f"{directory}/config.json: {error}") from None
-        with init_empty_weights(include_buffers=False):
-            model = cls(config)
         report = load_tensors(model, iter_safetensors(directory), strict=strict, source=str(directory))
         if dtype is not None:
             model.cast_weights(dtype)

@@ -143,8 +143,14 @@ class OmniProcessor:
         Returns:
             ``{"input_ids", "attention_mask", ["labels"], "modality_inputs"}`` as tensors.
         """
-        if isinstance(samples, str) or (samples and isinstance(samples[0], dict)):
+        if isinstance(samples, str) or (isinstance(samples, (list, tuple)) and samples and isinstance(samples[0], dict)):
             samples = [samples]
+        if not isinstance(samples, (list, tuple)) or not samples or not all(
+                isinstance(sample, (str, list, tuple)) for sample in samples):
+            raise ValueError("samples must be a string, a chat (a list of {'role', 'content'} messages) or a non-empty "
+                             f"list of those; got {type(samples).__name__}")
+        if inputs is not None and not isinstance(inputs, dict):
+            raise ValueError(f"inputs must be a dict of modality name -> list of items, got {type(inputs).__name__}")
         if padding_side not in ("left", "right"):
             raise ValueError(f"padding_side must be 'left' or 'right', got {padding_side!r}")
         inputs = dict(inputs or {})

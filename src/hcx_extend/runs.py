@@ -33,13 +33,12 @@ from typing import Any, Iterable
 import torch
 from safetensors.torch import save_file
 
-from hcx_extend.checkpoint import cached_source, extend, load_tokenizer
-from hcx_extend.config import OmniConfig
+from hcx_extend.checkpoint import cached_source, extend, load_tokenizer, read_omni_config
+from hcx_extend.devices import resolve_device
 from hcx_extend.ladder import get_strategy
 from hcx_extend.layout import (
     atomic_write_text,
     iter_safetensors_file,
-    read_config_dict,
     read_json,
     replace_folder,
 )
@@ -144,8 +143,10 @@ def find_base(directory: Path, run: dict[str, Any], base: str | os.PathLike | No
     record = run.get("base")
     if isinstance(record, str):  # runs written before run.json recorded an identity
         record = {"absolute": record, "name": Path(record).name}
-    if not isinstance(record, dict):
-        raise ValueError(f"{directory / RUN_FILE}: 'base' must describe the base model, got {record!r}")
+    if not isinstance(record, dict) or any(
+            not isinstance(record.get(key), (str, type(None))) for key in ("relative", "absolute", "name", "embedded")):
+        raise ValueError(f"{directory / RUN_FILE}: 'base' must describe the base model with string paths "
+                         f"(relative, absolute, name), got {record!r}")
     candidates = []
     if record.get("relative"):
         candidates.append((directory / record["relative"]).resolve())
@@ -199,28 +200,11 @@ def load_model(path: str | os.PathLike, *, base: str | os.PathLike | None = None
     return model, tokenizer
 
 
-def resolve_device(device: torch.device | str) -> torch.device:
-    """``"auto"`` -> the first CUDA device if there is one, else the CPU; other names as torch reads them."""
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        resolved = torch.device(device)
-    except (RuntimeError, TypeError):
-        raise ValueError(f"unknown device {device!r}; use cpu, cuda, cuda:N or auto") from None
-    if resolved.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"device {device!r} asked for, but this machine has no CUDA device; use cpu or auto")
-    return resolved
-
-
 def _load_run(directory: Path, base: str | os.PathLike | None, dtype) -> tuple[OmniForCausalLM, Any]:
     run = read_json(directory / RUN_FILE)
     if not isinstance(run, dict) or not isinstance(run.get("components"), list):
         raise ValueError(f"{directory / RUN_FILE}: expected an object with 'base' and 'components'")
-    raw = read_config_dict(directory)
-    try:
-        config = OmniConfig(**raw)
-    except (TypeError, ValueError) as error:
-        raise ValueError(f"{directory}/config.json: {error}") from None
+    config = read_omni_config(directory)
     if not (directory / TRAINED_FILE).exists():
         raise ValueError(f"{directory} lacks {TRAINED_FILE}; the run checkpoint is incomplete")
     source = cached_source(find_base(directory, run, base))

@@ -10,8 +10,7 @@ import torch
 from accelerate import init_empty_weights
 from torch import nn
 
-from hcx_extend.checkpoint import extend, read_source
-from hcx_extend.config import OmniConfig
+from hcx_extend.checkpoint import extend, read_omni_config, read_source
 from hcx_extend.layout import read_config_dict
 from hcx_extend.model import OMNI_MODEL_TYPES, OmniForCausalLM
 from hcx_extend.presets import PRESETS, build_preset
@@ -98,7 +97,7 @@ def model_for_info(target: str | os.PathLike) -> tuple[OmniForCausalLM, str]:
     path = Path(target)
     if path.is_dir() and (path / "config.json").exists() and read_config_dict(path).get("model_type") in OMNI_MODEL_TYPES:
         with init_empty_weights():
-            model = OmniForCausalLM(OmniConfig(**read_config_dict(path)))
+            model = OmniForCausalLM(read_omni_config(path))
         return model, f"{path} (config only; weights not loaded)"
     source = read_source(path)
     return extend(source, []).model, f"{path} ({source.kind})"

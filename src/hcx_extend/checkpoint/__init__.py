@@ -18,7 +18,7 @@ import torch
 
 from hcx_extend.checkpoint.cache import cached_source
 from hcx_extend.checkpoint.extend import Extended, extend
-from hcx_extend.checkpoint.sources import Source, load_tokenizer, read_source
+from hcx_extend.checkpoint.sources import Source, load_tokenizer, read_omni_config, read_source
 from hcx_extend.model import OmniForCausalLM
 from hcx_extend.weights import LoadReport
 
@@ -29,4 +29,5 @@ def load_checkpoint(path: str | os.PathLike, *, dtype: torch.dtype | str | None 
     return OmniForCausalLM.from_folder(path, dtype=dtype, strict=strict)
 
 
-__all__ = ["Extended", "LoadReport", "Source", "cached_source", "extend", "load_checkpoint", "load_tokenizer", "read_source"]
+__all__ = ["Extended", "LoadReport", "Source", "cached_source", "extend", "load_checkpoint", "load_tokenizer",
+           "read_omni_config", "read_source"]

@@ -47,7 +47,15 @@ class GuideIMUModalityEncoder(IMUModalityEncoder):
         unknown = set(config) - set(GUIDE_DEFAULTS) - {"model_type"}
         if unknown:
             raise ValueError(f"imu_guide encoder: unknown settings {sorted(unknown)}; known: {sorted(GUIDE_DEFAULTS)}")
-        return {**GUIDE_DEFAULTS, **{k: v for k, v in config.items() if k != "model_type"}, "stride": 1}
+        settings = {**GUIDE_DEFAULTS, **{k: v for k, v in config.items() if k != "model_type"}, "stride": 1}
+        for key in GUIDE_DEFAULTS:
+            value = settings[key]
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise ValueError(f"imu_guide encoder: {key} must be a positive integer, got {value!r}")
+        if settings["hidden_size"] % settings["num_heads"]:
+            raise ValueError(f"imu_guide encoder: hidden_size {settings['hidden_size']} is not divisible by num_heads "
+                             f"{settings['num_heads']}")
+        return settings
 
     def build(self, config: dict[str, Any]) -> nn.Module:
         settings = self.settings(config)

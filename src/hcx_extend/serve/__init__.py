@@ -12,8 +12,6 @@ together as one padded batch through `hcx_extend.inference.answer`.
     app.py        `create_app`: the FastAPI routes, key check, body limit, error shapes
     server.py     `run_server`: load a checkpoint once, run uvicorn, shut down gracefully
     page.html     the page at ``/`` (no external resources)
-
-Needs the ``serve`` extra (``pip install 'hcx-extend[serve]'``: fastapi, uvicorn).
 """
 
 from hcx_extend.serve.app import create_app

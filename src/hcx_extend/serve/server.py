@@ -32,10 +32,11 @@ def default_model_name(checkpoint: str | os.PathLike) -> str:
 
 
 def run_server(checkpoint: str | os.PathLike, options: ServeOptions, *, base: str | os.PathLike | None = None,
-               threads: int | None = None, log_level: str = "info") -> None:
+               threads: int | None = None, log_level: str = "info", device: str | None = "auto") -> None:
     """Load ``checkpoint`` (any kind `hcx_extend.runs.load_model` reads) and serve it until stopped.
 
     Args:
+        device: where the model runs (`hcx_extend.devices.resolve_device`; "auto" = a GPU if there is one).
         threads: torch's CPU threads (None = torch's default, one per core). On a CPU shared with other
             processes, fewer threads than cores can be many times faster (no oversubscription).
 
@@ -46,7 +47,7 @@ def run_server(checkpoint: str | os.PathLike, options: ServeOptions, *, base: st
         if threads < 1:
             raise ValueError(f"threads must be >= 1, got {threads}")
         torch.set_num_threads(threads)
-    model, tokenizer = load_model(checkpoint, base=base)
+    model, tokenizer = load_model(checkpoint, base=base, device=device)
     if tokenizer is None:
         raise ValueError(f"{checkpoint} has no tokenizer; save the LLM's tokenizer beside its weights")
     processor = OmniProcessor(tokenizer, model.config)

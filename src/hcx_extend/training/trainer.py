@@ -33,8 +33,7 @@ from hcx_extend.config import IGNORE_INDEX
 from hcx_extend.data.examples import Example
 from hcx_extend.ladder import get_strategy
 from hcx_extend.layout import atomic_write_text
-from hcx_extend.memory.activations import Workload
-from hcx_extend.memory.estimate import estimate_memory
+from hcx_extend.memory import Workload, estimate_memory
 from hcx_extend.model import OmniForCausalLM
 from hcx_extend.processor import OmniProcessor
 from hcx_extend.training.report import trainable_report
@@ -229,6 +228,7 @@ class Trainer:
                 gradient_checkpointing=self.config.gradient_checkpointing,
                 modalities=list(self.config.modalities or model.config.modalities),
                 fresh=tuple(model.fresh_components), foreach=self.accelerator.device.type == "cuda",
+                device="cuda" if self.accelerator.device.type == "cuda" else "cpu",
             )
         except (ValueError, NotImplementedError, RuntimeError) as error:
             return f"memory estimate unavailable: {error}"
