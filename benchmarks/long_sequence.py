@@ -13,7 +13,7 @@ every 2 ms with glibc told to return freed blocks of 128 KiB or more to the syst
 the figure follows live tensors). Compressor weights are freshly initialised: speed and memory
 do not depend on their values.
 
-Part 2, accuracy (skip with ``--skip-accuracy``): `hcx_extend.demo_sequence.train_and_test` for
+Part 2, accuracy (skip with ``--skip-accuracy``): `hcx_extend.recipes.sequence.train_and_test` for
 each compressor with the demo's settings and seed: train on streams from the train split, select
 on held-out validation streams, then test once on streams from the test split.
 
@@ -91,15 +91,18 @@ def measure(fn, repeats: int) -> tuple[float, int]:
 
 
 def prefill_table(repeats: int, lengths: tuple[int, ...]) -> list[dict]:
-    from hcx_extend.compressors import build_compressor
+    from hcx_extend.checkpoint import cached_source, extend
+    from hcx_extend.compressors import build_compressor, compressed_length
     from hcx_extend.data.long_sequence import sequence_chat
-    from hcx_extend.recipes.sequence import COMPRESSORS, SEQUENCE_TRAINING, build_sequence_model
-    from hcx_extend.compressors import compressed_length
+    from hcx_extend.presets import smollm2_gguf_path
     from hcx_extend.processor import OmniProcessor
+    from hcx_extend.recipes.sequence import COMPRESSORS, SEQUENCE_TRAINING, sequence_modality
     from hcx_extend.splice import splice_modality_embeddings
 
     stride = SEQUENCE_TRAINING["stride"]
-    model, tokenizer, _ = build_sequence_model(None, "mambamia", stride=stride, seed=0)
+    torch.manual_seed(0)
+    extended = extend(cached_source(smollm2_gguf_path()), [sequence_modality("mambamia", stride)])
+    model, tokenizer = extended.model, extended.tokenizer
     model.eval()
     modality = model.config.modality("imu")
     modality.input.max_length = None  # the benchmark's streams are longer than the demo's
