@@ -8,8 +8,9 @@ test accuracy first reaches 90 % and 97.5 %, training samples per second, peak r
 * guide: the guide's encoder exactly (``imu_guide``: nn.TransformerEncoder, 100 tokens per
   recording), its SiLU MLP projector 1280 -> 1280 -> hidden, AdamW lr 1e-4, batch 8, plain loop
   (loss computed on the answer positions only, like ours, so the comparison is between recipes).
-* hcx-extend: the demo's defaults (``imu`` encoder with stride 4 -> 25 tokens, masks, warm-up +
-  cosine schedule, loss on answer positions only) through `hcx_extend.training.Trainer`.
+* hcx-extend: the demo's settings (`hcx_extend.recipes.activity.ActivitySettings`: ``imu`` encoder with
+  stride 4 -> 25 tokens, masks, warm-up + cosine schedule, loss on answer positions only) through
+  `hcx_extend.training.Trainer`, on the whole train split (no held-out validation here).
 
 Each recipe runs in its own process (so peak memory is its own); both run in the same invocation and
 the ratios compare them. This is a benchmark, not a test: test accuracy is used here to measure
@@ -33,20 +34,25 @@ TARGETS = (0.9, 0.975)
 def worker(recipe: str, seed: int, max_epochs: int) -> dict:
     import torch
 
-    from hcx_extend.checkpoint import extend
-    from hcx_extend.data.basic_motions import activity_chat, load_basic_motions, parse_activity
+    from hcx_extend.checkpoint import cached_source, extend
+    from hcx_extend.config import ModalityConfig
+    from hcx_extend.data.augment import augment_recordings
+    from hcx_extend.data.basic_motions import Recordings, load_basic_motions, parse_activity
     from hcx_extend.data.sensors import fit_normalization
-    from hcx_extend.demo import DEFAULT_ENCODER, imu_modality, predict
-    from hcx_extend.presets import smollm2_gguf_path
+    from hcx_extend.evaluation import evaluate_examples
+    from hcx_extend.presets import imu_modality, smollm2_gguf_path
     from hcx_extend.processor import OmniProcessor
-    from hcx_extend.data.examples import Example
-    from hcx_extend.training import TrainConfig, Trainer
+    from hcx_extend.recipes.activity import ANSWER, ActivitySettings, examples_of
+    from hcx_extend.training import Trainer
 
     torch.manual_seed(seed)
-    modality = imu_modality(DEFAULT_ENCODER["stride"])
+    settings = ActivitySettings()
     if recipe == "guide":
-        modality["encoder"] = {"model_type": "imu_guide"}
-    result = extend(smollm2_gguf_path(), [modality])
+        modality = ModalityConfig("imu", encoder={"model_type": "imu_guide"}, projector={"type": "mlp", "activation": "silu"},
+                                  input={"kind": "sensor", "channels": 6, "max_length": 4096})
+    else:
+        modality = imu_modality("imu", stride=settings.stride)
+    result = extend(cached_source(smollm2_gguf_path()), [modality])
     model, tokenizer = result.model, result.tokenizer
     train, test = load_basic_motions("train"), load_basic_motions("test")
     model.config.modality("imu").normalization = fit_normalization(train.values)
@@ -54,8 +60,7 @@ def worker(recipe: str, seed: int, max_epochs: int) -> dict:
     curve: list[dict] = []
 
     def test_accuracy(m) -> float:
-        predictions = [parse_activity(a) for a in predict(m, processor, test)]
-        return sum(p == t for p, t in zip(predictions, test.labels)) / len(test)
+        return evaluate_examples(m, processor, examples_of(test), ANSWER, batch_size=20, parse=parse_activity).report.accuracy
 
     if recipe == "guide":
         trainable = [p for n, p in model.named_parameters() if n.startswith(("model.imu_model.", "model.imu_projector."))]
@@ -66,14 +71,16 @@ def worker(recipe: str, seed: int, max_epochs: int) -> dict:
         optimizer = torch.optim.AdamW(trainable, lr=1e-4)
         generator = torch.Generator().manual_seed(seed)
         train_seconds = 0.0
+        examples = examples_of(train)
+        epoch_samples = len(examples)
         for epoch in range(max_epochs):
             model.train()
             model.model.language_model.eval()
             started = time.perf_counter()
             order = torch.randperm(len(train), generator=generator).tolist()
             for start in range(0, len(order), 8):
-                chunk = order[start:start + 8]
-                batch = processor([activity_chat(train.labels[i]) for i in chunk], {"imu": [train.values[i] for i in chunk]},
+                chunk = [examples[i] for i in order[start:start + 8]]
+                batch = processor([e.messages for e in chunk], {"imu": [e.inputs["imu"][0] for e in chunk]},
                                   return_labels=True, padding_side="right")
                 # Loss on the answer positions only, as ours: the comparison is about the recipes, not the loss trick.
                 model(**batch, logits_to_keep="labels").loss.backward()
@@ -88,7 +95,8 @@ def worker(recipe: str, seed: int, max_epochs: int) -> dict:
             if accuracy >= max(TARGETS):
                 break
     else:
-        examples = [Example(activity_chat(label), {"imu": [values]}) for values, label in zip(train.values, train.labels)]
+        values, labels = augment_recordings(train.values, train.labels, settings.augmentation, seed)
+        epoch_samples = len(values)
 
         def evaluate(m) -> dict:
             accuracy = test_accuracy(m)
@@ -97,17 +105,16 @@ def worker(recipe: str, seed: int, max_epochs: int) -> dict:
             # Stopping at the target is how time-to-accuracy is measured, not model selection.
             return {"test_accuracy": accuracy, "score": accuracy}
 
-        from hcx_extend.demo import DEFAULT_TRAINING
-
-        # The demo's schedule (its epoch count sets the cosine decay), stopping once the target is reached.
-        config = TrainConfig(strategy="new-encoder", modalities=["imu"], seed=seed, target_score=max(TARGETS),
-                             progress=False, **DEFAULT_TRAINING)
-        trainer = Trainer(model, processor, examples, config, evaluate=evaluate, log=lambda line: None)
+        # The demo's schedule (its epoch count sets the decay), stopping once the target is reached.
+        config = settings.training(seed=seed, target_score=max(TARGETS), progress=False)
+        config.patience = None
+        trainer = Trainer(model, processor, examples_of(Recordings(values, labels)), config, evaluate=evaluate,
+                          log=lambda line: None)
         history = trainer.train().history
         seconds = [h["train_seconds"] for h in history if "eval_test_accuracy" in h]
         for point, elapsed in zip(curve, seconds):
             point["train_seconds"] = elapsed
-    samples = len(train) * len(curve)
+    samples = epoch_samples * len(curve)
     return {
         "recipe": recipe,
         "seed": seed,

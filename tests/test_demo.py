@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from hcx_extend.cli import main
-from hcx_extend.data.basic_motions import load_basic_motions, parse_activity
+from hcx_extend.data.basic_motions import QUESTION, load_basic_motions, parse_activity
 from hcx_extend.presets import smollm2_gguf_path
 
 
@@ -38,7 +38,7 @@ def test_chat_answers_from_the_demo_checkpoint_like_the_demo(demo_run, tmp_path,
     np.save(tmp_path / "recording.npy", recording)
     capsys.readouterr()
     assert main(["chat", str(demo_run / "checkpoint"), "--imu", str(tmp_path / "recording.npy"),
-                 "--max-new-tokens", "6", "What activity is the person doing?"]) == 0
+                 "--max-new-tokens", "6", QUESTION]) == 0
     answer = capsys.readouterr().out.strip()
     expected = json.loads((demo_run / "metrics.json").read_text())["examples"][0]["answer"]
     assert answer == expected
@@ -52,7 +52,7 @@ def test_the_readme_chat_line_works_as_written(demo_run, capsys):
     recording = demo_run / "recordings" / "walking.csv"
     assert recording.read_text().splitlines()[0] == "acc_x,acc_y,acc_z,gyro_x,gyro_y,gyro_z"
     capsys.readouterr()
-    assert main(["chat", str(demo_run / "checkpoint"), "--imu", str(recording), "What activity is the person doing?"]) == 0
+    assert main(["chat", str(demo_run / "checkpoint"), "--imu", str(recording), QUESTION]) == 0
     answer = capsys.readouterr().out.strip()
     # The demo's own evaluation asked the same question about the same (first walking) test recording.
     index = load_basic_motions("test").labels.index("walking")
@@ -61,7 +61,7 @@ def test_the_readme_chat_line_works_as_written(demo_run, capsys):
 
 
 def test_interactive_chat_keeps_the_model_loaded(demo_run, monkeypatch, capsys):
-    monkeypatch.setattr("sys.stdin", io.StringIO("What activity is the person doing?\nAnd now?\n\n"))
+    monkeypatch.setattr("sys.stdin", io.StringIO(f"{QUESTION}\nAnd now?\n\n"))
     recording = demo_run / "recordings" / "running.csv"
     capsys.readouterr()
     assert main(["chat", str(demo_run / "checkpoint"), "--imu", str(recording), "--max-new-tokens", "6"]) == 0

@@ -2,6 +2,7 @@
 
 import json
 import shutil
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -149,6 +150,23 @@ def test_train_adds_a_modality_from_a_json_file_without_copying_the_llm(llm_fold
     assert capsys.readouterr().err == ""  # a 12-channel modality named vowel is read and answered
     assert main(["chat", str(checkpoint), "--input", f"vowel={data / 'v0.npy'}", "--rate", "0", "which?"]) == 2
     assert "--rate must be a positive number" in capsys.readouterr().err
+
+
+def test_the_example_modality_file_extends_a_model_that_reads_12_lead_ecg(llm_folder, tmp_path):
+    """examples/modalities/ecg12.json: 12 leads at 500 Hz, stride 10, MambaMia chunks of 25."""
+    example = Path(__file__).resolve().parents[1] / "examples" / "modalities" / "ecg12.json"
+    assert main(["extend", str(llm_folder), "--modality-file", str(example), "--output", str(tmp_path / "ecg")]) == 0
+    model, tokenizer = load_model(tmp_path / "ecg")
+    modality = model.config.modality("ecg")
+    assert modality.input.channel_names[:3] == ["I", "II", "III"] and modality.input.sample_rate == 500
+    # 10 s at 500 Hz: 5000 steps -> 500 encoder tokens (stride 10) -> 20 tokens for the LLM (chunks of 25).
+    processor = OmniProcessor(tokenizer, model.config)
+    ten_seconds = np.random.default_rng(0).normal(size=(5000, 12)).astype(np.float32)
+    batch = processor([[{"role": "user", "content": "<ecg> Rhythm?"}]], {"ecg": [ten_seconds]})
+    assert int((batch["input_ids"] == modality.token_id).sum()) == 20
+    with torch.no_grad():
+        logits = model(**batch).logits
+    assert logits.shape[:2] == batch["input_ids"].shape and torch.isfinite(logits).all()
 
 
 def test_placeholders_never_collide_with_existing_tokens(llm_folder, tmp_path, tokenizer):

@@ -286,6 +286,18 @@ def test_streamed_chunks_join_to_the_plain_answer(client):
     assert len(chunks) >= 4  # role, several pieces of text, finish: the answer came in pieces
 
 
+def test_the_example_client_streams_the_answer_the_library_gives(server, library, tmp_path):
+    """examples/openai_client.py, run as the README shows it, against the server."""
+    values = recording(30, seed=11)
+    csv = tmp_path / "walking.csv"
+    csv.write_text(base64.b64decode(csv_base64(values)).decode() + "\n")
+    example = Path(__file__).resolve().parents[1] / "examples" / "openai_client.py"
+    printed = subprocess.run([sys.executable, str(example), str(csv), "--url", f"{server.url}/v1", "--api-key", KEY,
+                              "--question", QUESTION], capture_output=True, text=True, timeout=120, check=True).stdout
+    expected = library.expect(f"<imu> {QUESTION}", [values], max_tokens=8)[0].text
+    assert expected and printed.strip() == expected
+
+
 def test_the_stream_is_sent_as_openai_sends_it_with_a_final_usage_chunk(server):
     body = {"model": MODEL, "messages": user(sensor_part(recording(20, seed=2)), text_part(QUESTION)), "max_tokens": 10,
             "stream": True, "stream_options": {"include_usage": True}}

@@ -212,7 +212,8 @@ def build_parser() -> argparse.ArgumentParser:
     ext.add_argument("source", help="HCX omni / HyperCLOVAXVisionV2 / causal-LM folder, or a .gguf file")
     ext.add_argument("--output", required=True, help="folder for the extended checkpoint")
     ext.add_argument("--add-imu", action="append", default=[], metavar="NAME", help="add an IMU modality called NAME")
-    ext.add_argument("--modality", action="append", default=[], metavar="FILE", help="add a modality from a JSON file")
+    ext.add_argument("--modality-file", "--modality", dest="modality", action="append", default=[], metavar="FILE",
+                     help="add a modality from a JSON file (see examples/modalities/)")
     ext.add_argument("--dtype", default=None, help="cast weights (float32, bfloat16, float16); default: keep")
     ext.set_defaults(run=cmd_extend)
 

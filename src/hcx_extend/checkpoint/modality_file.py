@@ -1,4 +1,4 @@
-"""A modality described in a JSON file (``hcx-extend extend --modality FILE``, ``train --modality-file FILE``).
+"""A modality described in a JSON file (``hcx-extend extend --modality-file FILE``, ``train --modality-file FILE``).
 
 The file holds one `ModalityConfig` as a JSON object::
 

@@ -14,7 +14,7 @@ import numpy as np
 ACTIVITIES = ("standing", "walking", "running", "badminton")
 CHANNELS = ("acc_x", "acc_y", "acc_z", "gyro_x", "gyro_y", "gyro_z")
 SAMPLE_RATE_HZ = 10.0
-QUESTION = "What activity is the person doing?"
+QUESTION = "What activity is the person doing? Answer with one word: standing, walking, running or badminton."
 
 
 @dataclass
@@ -55,7 +55,7 @@ def stratified_split(recordings: Recordings, per_class: int, seed: int) -> tuple
 
 
 def activity_chat(answer: str | None = None, marker: str = "<imu>", question: str = QUESTION) -> list[dict[str, str]]:
-    """The demo's chat: ``"<imu> What activity is the person doing?"``, plus the answer when training."""
+    """The demo's chat: ``"<imu> "`` + `QUESTION`, plus the answer when training."""
     messages = [{"role": "user", "content": f"{marker} {question}"}]
     if answer is not None:
         messages.append({"role": "assistant", "content": answer})

@@ -8,8 +8,8 @@
 3. fit per-channel normalisation on the training part (stored in the model's config);
 4. train with ``--strategy`` (default ``new-encoder``: the LLM stays frozen); the best evaluation by
    validation accuracy (then loss) is kept;
-5. answer "<imu> What activity is the person doing?" by greedy generation for all 40 test
-   recordings; print accuracy and a confusion table; write into the run folder ``metrics.json``,
+5. answer "<imu> " + `QUESTION` ("What activity is the person doing? Answer with one word: standing,
+   walking, running or badminton.") by greedy generation for all 40 test recordings; print accuracy and a confusion table; write into the run folder ``metrics.json``,
    ``evaluation.json``, ``loss_curve.png``, ``confusion_matrix.png``, a checkpoint that
    ``hcx-extend chat`` and ``hcx-extend serve`` load, and one test recording per activity as CSV
    (``recordings/walking.csv``, ...) to ask it about.
@@ -29,6 +29,7 @@ from hcx_extend.checkpoint import cached_source, extend
 from hcx_extend.data.basic_motions import (
     ACTIVITIES,
     CHANNELS,
+    QUESTION,
     Recordings,
     activity_chat,
     load_basic_motions,
@@ -53,7 +54,7 @@ class ActivitySettings:
     (benchmarks/imu_validation_search.py), never on the test split."""
 
     strategy: str = "new-encoder"
-    epochs: int = 16
+    epochs: int = 10
     batch_size: int = 8
     learning_rate: float = 5e-4
     warmup_steps: int = 4
@@ -198,7 +199,7 @@ def run(args: argparse.Namespace) -> int:
     log(f"run folder: {run_folder} (metrics.json, evaluation.json, loss_curve.png, confusion_matrix.png, checkpoint/, "
         "recordings/)")
     log(f"try: hcx-extend chat {metrics['checkpoint']} --imu {metrics['recordings'][1]} "
-        "\"What activity is the person doing?\"")
+        f"\"{QUESTION}\"")
     return 0
 
 

@@ -6,7 +6,7 @@ A request (``POST /v1/chat/completions``)::
      "messages": [{"role": "user", "content": [
          {"type": "input_sensor", "input_sensor": {"modality": "imu", "data": [[ax, ay, az, gx, gy, gz], ...],
                                                    "sample_rate": 10}},
-         {"type": "text", "text": "What activity is the person doing?"}]}],
+         {"type": "text", "text": "What activity is the person doing? Answer with one word: ..."}]}],
      "max_tokens": 16, "temperature": 0, "top_p": 1, "stop": ["\\n"], "stream": false,
      "stream_options": {"include_usage": true}}
 
