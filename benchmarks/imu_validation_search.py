@@ -31,15 +31,32 @@ AUGMENTED = Augmentation(copies=1, crop=0.8, scale=0.1, noise=0.05)
 # "The person doing the activity is ...". Round 2 asks for one of the four words (QUESTION in
 # hcx_extend.data.basic_motions), which the LLM follows from the first epochs. Round 2 compared
 # lr5e-4-bs8-e10 and lr1e-3-bs8-e10 on all 5 seeds (both 100 % validation accuracy on every seed;
-# lr 5e-4 got there after 224 samples on average against 294): the demo's defaults are lr5e-4-bs8-e10.
+# lr 5e-4 got there after 224 samples on average against 294). lr5e-4-bs8-e10 became the defaults first;
+# the demo then scored 38/40 and 39/40 on the test split of seeds 0 and 1 (below the 97.5 % target), and
+# since validation accuracy was saturated (100 % for every candidate), the tie was broken by validation
+# answer loss: lr1e-3-bs4-aug-e8 has 0.010 against 0.056 (5.6x lower, 5 seeds; augmentation was lowest in
+# round 1 too) at 110 s wall. The demo with it scored 37/40 and 40/40 on seeds 0 and 1. Its validation loss was still falling at the last epoch on every seed (the
+# last epoch was the one kept on all 5), so 10 epochs were tried: 0.0042 (2.4x lower again) at 134 s wall.
+# lr1e-3-bs4-aug-e10 are the demo's defaults (ActivitySettings).
+PLAIN = Augmentation()
+
+
+def candidate(epochs: int, learning_rate: float, batch_size: int, augmentation: Augmentation = PLAIN) -> ActivitySettings:
+    """Every searched field spelled out, so a candidate does not change when the demo's defaults do."""
+    return ActivitySettings(strategy="new-encoder", epochs=epochs, batch_size=batch_size, learning_rate=learning_rate,
+                            warmup_steps=4, min_lr_ratio=0.1, stride=4, patience=4, augmentation=augmentation,
+                            mixed_precision="no")
+
+
 CANDIDATES = {
-    "lr5e-4-bs8": ActivitySettings(epochs=16),
-    "lr2e-3-bs4": ActivitySettings(epochs=16, learning_rate=2e-3, batch_size=4),
-    "lr1e-3-bs4-aug": ActivitySettings(epochs=16, learning_rate=1e-3, batch_size=4, augmentation=AUGMENTED),
-    "lr5e-4-bs8-e10": ActivitySettings(epochs=10),
-    "lr1e-3-bs8-e10": ActivitySettings(epochs=10, learning_rate=1e-3),
-    "lr2e-3-bs4-e10": ActivitySettings(epochs=10, learning_rate=2e-3, batch_size=4),
-    "lr1e-3-bs4-aug-e8": ActivitySettings(epochs=8, learning_rate=1e-3, batch_size=4, augmentation=AUGMENTED),
+    "lr5e-4-bs8": candidate(16, 5e-4, 8),
+    "lr2e-3-bs4": candidate(16, 2e-3, 4),
+    "lr1e-3-bs4-aug": candidate(16, 1e-3, 4, AUGMENTED),
+    "lr5e-4-bs8-e10": candidate(10, 5e-4, 8),
+    "lr1e-3-bs8-e10": candidate(10, 1e-3, 8),
+    "lr2e-3-bs4-e10": candidate(10, 2e-3, 4),
+    "lr1e-3-bs4-aug-e8": candidate(8, 1e-3, 4, AUGMENTED),
+    "lr1e-3-bs4-aug-e10": candidate(10, 1e-3, 4, AUGMENTED),
 }
 
 
@@ -86,7 +103,7 @@ def main() -> None:
             with out.open("a") as handle:
                 handle.write(result.strip().splitlines()[-1] + "\n")
     rows = [json.loads(line) for line in out.read_text().splitlines()]
-    print(f"\n{'candidate':<16} {'runs':>4} {'val acc':>8} {'val loss':>9} {'samples to 100% (mean, reached)':>32} "
+    print(f"\n{'candidate':<18} {'runs':>4} {'val acc':>8} {'val loss':>9} {'samples to 100% (mean, reached)':>32} "
           f"{'s to 100%':>9} {'wall s':>7}")
     for name in CANDIDATES:
         runs = [r for r in rows if r["candidate"] == name and r["seed"] in args.seeds]
@@ -96,7 +113,7 @@ def main() -> None:
         samples = [r["steps_to_100"] * r["samples_per_step"] for r in reached]
         to_100 = f"{statistics.mean(samples):.0f} ({len(reached)}/{len(runs)})" if reached else f"- (0/{len(runs)})"
         seconds = f"{statistics.mean(r['seconds_to_100'] for r in reached):.0f}" if reached else "-"
-        print(f"{name:<16} {len(runs):>4} {statistics.mean(r['best_accuracy'] for r in runs):>8.3f} "
+        print(f"{name:<18} {len(runs):>4} {statistics.mean(r['best_accuracy'] for r in runs):>8.3f} "
               f"{statistics.mean(r['best_loss'] for r in runs):>9.4f} {to_100:>32} {seconds:>9} "
               f"{statistics.mean(r['wall_seconds'] for r in runs):>7.0f}")
     print("\n(settings: " + "; ".join(f"{n}: {dataclasses.asdict(s)}" for n, s in CANDIDATES.items()

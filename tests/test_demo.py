@@ -23,7 +23,8 @@ def test_demo_writes_metrics_plots_and_a_checkpoint(demo_run):
     assert metrics["test_total"] == 40
     assert np.array(metrics["confusion"]["matrix"]).sum() == 40
     assert metrics["test_correct"] == np.trace(np.array(metrics["confusion"]["matrix"])[:, :4])
-    assert metrics["steps"] == 4  # 32 training recordings (8 held out for validation), batch 8, one epoch
+    # 32 training recordings (8 held out for validation) + one variation of each, batch 4, one epoch.
+    assert metrics["steps"] == 16
     assert metrics["best_validation"]["eval_accuracy"] is not None
     assert sorted(p.name for p in (demo_run / "recordings").iterdir()) == [
         "badminton.csv", "running.csv", "standing.csv", "walking.csv"]

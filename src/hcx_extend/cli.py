@@ -53,6 +53,8 @@ def cmd_extend(args: argparse.Namespace) -> int:
 
 def cmd_demo(args: argparse.Namespace) -> int:
     if args.task == "sequence":
+        if args.no_augment:
+            raise CommandError("--no-augment applies to the activity task only (the sequence task does not augment)")
         return sequence.run(args)
     if args.compressor is not None:
         raise CommandError("--compressor applies to --task sequence only")
