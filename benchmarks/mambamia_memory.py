@@ -25,50 +25,19 @@ import argparse
 import contextlib
 import math
 import sys
-import weakref
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from torch.utils._python_dispatch import TorchDispatchMode
-from torch.utils._pytree import tree_flatten
 
 from hcx_extend.compressors import mamba2, mambamia
 from hcx_extend.compressors.mambamia import MambaMiaCompressor
+from hcx_extend.memory.recorders import LiveBytes
 
 GB = 1e9
 LENGTHS = (8000, 7000, 6013, 5000)
 OMNI = {"llm_hidden_size": 4096, "chunk_size": 25, "hidden_size": 3072, "num_layers": 1, "head_dim": 64,
         "state_size": 128, "expand": 2, "n_groups": 1}
-
-
-class PeakBytes(TorchDispatchMode):
-    """The most bytes alive at once in storages created inside the mode (weights and inputs made before are not counted)."""
-
-    def __init__(self):
-        super().__init__()
-        self.live = self.peak = 0
-        self._alive: set[int] = set()
-
-    def _free(self, key: int, nbytes: int) -> None:
-        self._alive.discard(key)
-        self.live -= nbytes
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        out = func(*args, **(kwargs or {}))
-        inputs = {a.untyped_storage()._cdata for a in tree_flatten((args, kwargs))[0] if isinstance(a, torch.Tensor)}
-        for tensor in tree_flatten(out)[0]:
-            if not isinstance(tensor, torch.Tensor):
-                continue
-            storage = tensor.untyped_storage()
-            key = storage._cdata
-            if key in self._alive or key in inputs:
-                continue
-            self._alive.add(key)
-            self.live += storage.nbytes()
-            weakref.finalize(storage, self._free, key, storage.nbytes())
-        self.peak = max(self.peak, self.live)
-        return out
 
 
 # ------------------------------------------------------------------------- the code before (commit 1b6a80b)
@@ -197,7 +166,7 @@ def measure(scan_block: int, lengths: tuple[int, ...], train: bool, device: str 
     compressor.train(train)
     weights = sum(p.numel() * p.element_size() for p in compressor.parameters())
     lengths_tensor = torch.tensor(lengths)  # on the CPU: the compressor reads its maximum
-    tracer = PeakBytes()
+    tracer = LiveBytes()  # the estimator's recorder; on the CPU device model it counts exact bytes
     with tracer, torch.set_grad_enabled(train):
         out, _ = compressor(x, lengths_tensor)
         if train:
