@@ -4,9 +4,12 @@ import pytest
 import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
-from transformers import AutoConfig, HyperCLOVAXVisionV2Config, HyperCLOVAXVisionV2ForConditionalGeneration, LlamaConfig, LlamaForCausalLM
+from tiny_tokenizer import make_tokenizer
+from transformers import AutoConfig, AutoTokenizer, HyperCLOVAXVisionV2Config, HyperCLOVAXVisionV2ForConditionalGeneration, LlamaConfig, LlamaForCausalLM
 
 from hcx_extend import OmniForCausalLM, extend, load_checkpoint
+from hcx_extend.checkpoint import read_source
+from hcx_extend.cli import main
 from hcx_extend.layout import iter_safetensors
 from hcx_extend.presets import TINY_HCX_OMNI, imu_modality
 
@@ -93,7 +96,7 @@ def _v2_key_to_hcx(key):
     return key
 
 
-def test_extending_a_transformers_vision_v2_checkpoint_keeps_its_weights(tmp_path):
+def test_extending_a_transformers_vision_v2_checkpoint_keeps_its_weights(tmp_path, tokenizer):
     v2 = _tiny_vision_v2()
     v2.save_pretrained(tmp_path / "v2")
     saved = read_all(tmp_path / "v2")
@@ -101,7 +104,8 @@ def test_extending_a_transformers_vision_v2_checkpoint_keeps_its_weights(tmp_pat
     assert "model.vision_projector.weight" in saved
     assert any(k.startswith("model.language_model.layers.") for k in saved)
 
-    result = extend(tmp_path / "v2", [imu_modality("sensor", **IMU)], output_dir=tmp_path / "out")
+    # transformers saves no tokenizer: the LLM's is passed in (without it, see the test below).
+    result = extend(tmp_path / "v2", [imu_modality("sensor", **IMU)], tokenizer=tokenizer, output_dir=tmp_path / "out")
     assert result.source_kind == "vision_v2"
     assert result.model.config.modality("image").projector == {"type": "linear"}
     state = result.model.state_dict()
@@ -111,7 +115,68 @@ def test_extending_a_transformers_vision_v2_checkpoint_keeps_its_weights(tmp_pat
     assert "model.mm_projector.weight" in written and "model.language_model.model.layers.0.mlp.up_proj.weight" in written
 
 
-def test_extending_a_hub_spelled_vision_v2_checkpoint(tmp_path):
+def _vision_v2_saved_by_transformers(folder, **config):
+    """A HyperCLOVAXVisionV2 checkpoint as transformers' own class saves it: no tokenizer files."""
+    torch.manual_seed(0)
+    v2 = HyperCLOVAXVisionV2ForConditionalGeneration(HyperCLOVAXVisionV2Config(
+        text_config={k: v for k, v in TINY_HCX_OMNI["text_config"].items() if k != "tie_word_embeddings"},
+        vision_config={k: v for k, v in TINY_HCX_OMNI["vision_config"].items() if k != "model_type"}, **config))
+    v2.save_pretrained(folder)
+    assert sorted(p.name for p in folder.iterdir()) == ["config.json", "generation_config.json", "model.safetensors"]
+    return folder
+
+
+def test_a_vision_v2_checkpoint_without_a_tokenizer_is_an_error_that_names_the_tokenizer_option(tmp_path, capsys):
+    source = _vision_v2_saved_by_transformers(tmp_path / "v2", bos_token_id=1)
+    # transformers makes up a GPT-2 tokenizer holding <|endoftext|> alone for this folder; adding a
+    # placeholder to it gave id 1, the config's BOS. It is no tokenizer.
+    described = read_source(source)
+    assert described.tokenizer is None
+    assert described.special_ids == {1: "config.json bos_token_id", 2: "config.json text_config eos_token_id"}
+    with pytest.raises(ValueError, match="has no usable tokenizer .* `hcx-extend extend SOURCE --tokenizer DIR`"):
+        extend(source, [imu_modality("imu", **IMU)])
+    assert main(["extend", str(source), "--add-imu", "imu", "--output", str(tmp_path / "out")]) == 2
+    assert "imu: " + str(source) + " has no usable tokenizer" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_supplied_tokenizer_gives_the_placeholder_an_id_no_special_token_has(tmp_path, tokenizer, capsys):
+    source = _vision_v2_saved_by_transformers(tmp_path / "v2", bos_token_id=1)
+    tokenizer.save_pretrained(tmp_path / "tokenizer")
+    assert main(["extend", str(source), "--add-imu", "imu", "--tokenizer", str(tmp_path / "tokenizer"),
+                 "--output", str(tmp_path / "out")]) == 0
+    assert "token <|IMU_PAD|> = 259" in capsys.readouterr().out
+    model = OmniForCausalLM.from_pretrained(tmp_path / "out")
+    specials = {1, 2, tokenizer.bos_token_id, tokenizer.eos_token_id, tokenizer.pad_token_id}
+    assert specials == {1, 2, 256, 257, 258}
+    assert model.config.modality("imu").token_id == 259 and 259 not in specials
+    assert AutoTokenizer.from_pretrained(tmp_path / "out").convert_tokens_to_ids("<|IMU_PAD|>") == 259
+    with torch.no_grad():  # text that starts with BOS holds no placeholder (it did when the placeholder was 1)
+        logits = model(input_ids=torch.tensor([[1, 72, 105, 2]])).logits
+    assert logits.shape == (1, 4, model.get_input_embeddings().num_embeddings)
+
+
+def test_no_placeholder_takes_an_id_the_configs_declare_special(tmp_path, tokenizer):
+    # config.json declares BOS 259: exactly the id the tokenizer hands the next token it adds.
+    source = _vision_v2_saved_by_transformers(tmp_path / "bos", bos_token_id=259)
+    with pytest.raises(ValueError, match="the tokenizer gave the new placeholder '<\\|IMU_PAD\\|>' id 259, which is "
+                                         "config.json bos_token_id; this tokenizer does not match the checkpoint"):
+        extend(source, [imu_modality("imu", **IMU)], tokenizer=tokenizer)
+    # generation_config.json lists a second EOS id; an explicit token_id on it is refused too.
+    source = _vision_v2_saved_by_transformers(tmp_path / "eos")
+    generation = json.loads((source / "generation_config.json").read_text())
+    (source / "generation_config.json").write_text(json.dumps({**generation, "eos_token_id": [2, 300]}))
+    assert read_source(source).special_ids[300] == "generation_config.json eos_token_id"
+    with pytest.raises(ValueError, match="imu: placeholder id 300 is generation_config.json eos_token_id"):
+        extend(source, [imu_modality("imu", token_id=300, **IMU)], tokenizer=make_tokenizer())
+    assert extend(source, [imu_modality("imu", token_id=301, **IMU)],
+                  tokenizer=make_tokenizer()).model.config.modality("imu").token_id == 301
+    (source / "generation_config.json").write_text('{"eos_token_id": [2, ')  # truncated
+    with pytest.raises(ValueError, match="generation_config.json: not valid JSON"):
+        read_source(source)
+
+
+def test_extending_a_hub_spelled_vision_v2_checkpoint(tmp_path, tokenizer):
     """The hub spelling: model.vision_projector.*, model.language_model.model.*, model.language_model.lm_head.*."""
     v2 = _tiny_vision_v2()
     hub = {}
@@ -131,14 +196,14 @@ def test_extending_a_hub_spelled_vision_v2_checkpoint(tmp_path):
     config["model_type"] = "vlm"
     (folder / "config.json").write_text(json.dumps(config, default=str))
 
-    result = extend(folder, [imu_modality("sensor", **IMU)])
+    result = extend(folder, [imu_modality("sensor", **IMU)], tokenizer=tokenizer)
     state = result.model.state_dict()
     for key, tensor in hub.items():
         target = key.replace("model.vision_projector.", "model.mm_projector.")
         assert torch.equal(state[target], tensor), key
 
 
-def test_unbuilt_hcx_tensors_survive_extend_and_save_bit_identical(tiny_model, tmp_path):
+def test_unbuilt_hcx_tensors_survive_extend_and_save_bit_identical(tiny_model, tokenizer, tmp_path):
     # An Omni-hub-style checkpoint: flat config fields and weights the model does not build.
     tiny_model.save_pretrained(tmp_path / "omni")
     weights = read_all(tmp_path / "omni")
@@ -156,7 +221,8 @@ def test_unbuilt_hcx_tensors_survive_extend_and_save_bit_identical(tiny_model, t
             "video_start_id": 128061}
     (tmp_path / "omni" / "config.json").write_text(json.dumps(flat))
 
-    result = extend(tmp_path / "omni", [imu_modality("imu", token_id=128081, **IMU)], output_dir=tmp_path / "out")
+    result = extend(tmp_path / "omni", [imu_modality("imu", token_id=128081, **IMU)], tokenizer=tokenizer,
+                    output_dir=tmp_path / "out")
     assert result.source_kind == "omni"
     assert sorted(result.report.carried) == ["discrete_audio_model", "discrete_vision_model", "video_audio_compressor"]
     written = read_all(tmp_path / "out")

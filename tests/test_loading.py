@@ -173,11 +173,12 @@ def test_placeholders_never_collide_with_existing_tokens(llm_folder, tmp_path, t
     # No tokenizer next to the weights: an error saying what to provide, not a placeholder on id 1.
     (llm_folder / "tokenizer.json").unlink()
     (llm_folder / "tokenizer_config.json").unlink()
-    with pytest.raises(ValueError, match="has no tokenizer, so a placeholder token cannot be added; pass tokenizer="):
+    with pytest.raises(ValueError, match="has no usable tokenizer .* cannot be added; pass the LLM's tokenizer: "
+                                         "`hcx-extend extend SOURCE --tokenizer DIR`"):
         extend(llm_folder, [imu_modality("imu", **IMU)])
     # The tokenizer's own tokens cannot be reused as placeholders, by string or by id.
     eos = tokenizer.eos_token
-    with pytest.raises(ValueError, match="is already the tokenizer's BOS/EOS/PAD/UNK token"):
+    with pytest.raises(ValueError, match="is already the tokenizer's EOS token 256"):
         modality = imu_modality("imu", **IMU)
         modality.token = eos
         extend(llm_folder, [modality], tokenizer=tokenizer)

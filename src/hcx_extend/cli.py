@@ -40,7 +40,7 @@ def cmd_extend(args: argparse.Namespace) -> int:
     modalities = [imu_modality(name) for name in args.add_imu] + [read_modality_file(f) for f in args.modality]
     if not modalities:
         raise CommandError("nothing to add: give --add-imu NAME or --modality FILE.json")
-    result = extend(args.source, modalities, output_dir=args.output, dtype=args.dtype)
+    result = extend(args.source, modalities, tokenizer=args.tokenizer, output_dir=args.output, dtype=args.dtype)
     print(f"read {args.source} as {result.source_kind}")
     print(result.report)
     for m in modalities:
@@ -217,6 +217,8 @@ def build_parser() -> argparse.ArgumentParser:
     ext.add_argument("--modality-file", "--modality", dest="modality", action="append", default=[], metavar="FILE",
                      help="add a modality from a JSON file (see examples/modalities/)")
     ext.add_argument("--dtype", default=None, help="cast weights (float32, bfloat16, float16); default: keep")
+    ext.add_argument("--tokenizer", default=None, metavar="DIR",
+                     help="the LLM's tokenizer folder, for a source saved without one (default: the source's own)")
     ext.set_defaults(run=cmd_extend)
 
     chat = commands.add_parser("chat", help="ask a saved model about recordings (any modality); interactive without "

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
-from typing import Any, Sequence
+from typing import Any, Iterable, Sequence
 
 import torch
 from tokenizers import AddedToken
@@ -26,15 +26,56 @@ Message = dict[str, str]
 Sample = str | Sequence[Message]
 
 
-def align_tokens(model, tokenizer) -> list[str]:
+SPECIAL_ID_FIELDS = ("bos_token_id", "eos_token_id", "pad_token_id", "unk_token_id")
+
+
+def declared_special_ids(sections: Iterable[tuple[str, Any]]) -> dict[int, str]:
+    """``{token id: "<where> <field>"}`` for every BOS/EOS/PAD/UNK id in ``(where, config dict)`` pairs.
+
+    A field may hold one id or a list (generation configs often list several EOS ids); values that are
+    not integers are left to the config's own checks. The first place that declares an id names it.
+    """
+    declared: dict[int, str] = {}
+    for where, section in sections:
+        if not isinstance(section, dict):
+            continue
+        for name in SPECIAL_ID_FIELDS:
+            value = section.get(name)
+            for token_id in value if isinstance(value, list) else [value]:
+                if isinstance(token_id, int) and not isinstance(token_id, bool):
+                    declared.setdefault(token_id, f"{where} {name}")
+    return declared
+
+
+def reserved_token_ids(model, tokenizer, declared: dict[int, str] | None = None) -> dict[int, str]:
+    """The ids no placeholder may take, each with what claims it: ``{id: "the tokenizer's BOS token"}``.
+
+    They are the tokenizer's BOS/EOS/PAD/UNK, those of the LLM config and ``declared`` (what a checkpoint's
+    config.json and generation_config.json declare: `hcx_extend.checkpoint.Source.special_ids`). A
+    placeholder on one of them would turn every BOS (or EOS, PAD) into a modality item.
+    """
+    reserved = {getattr(tokenizer, f"{kind}_token_id"): f"the tokenizer's {kind.upper()} token"
+                for kind in ("bos", "eos", "pad", "unk")}
+    reserved.pop(None, None)
+    text_config = {name: getattr(model.config.text_config, name, None) for name in SPECIAL_ID_FIELDS}
+    for token_id, where in [*declared_special_ids([("the LLM config", text_config)]).items(),
+                            *(declared or {}).items()]:
+        reserved.setdefault(token_id, where)
+    return reserved
+
+
+def align_tokens(model, tokenizer, declared: dict[int, str] | None = None) -> list[str]:
     """Make tokenizer, config and embeddings agree on every modality's placeholder token.
 
     * token in the tokenizer, id unset: take the tokenizer's id, if the token is an added token of its
-      own (not an ordinary vocabulary entry and not the BOS/EOS/PAD/UNK token);
+      own (not an ordinary vocabulary entry and not a reserved id, see below);
     * token in the tokenizer with another id than the config's: ValueError (one of them is wrong);
     * token missing and id unset: add the token as a special token and take its id;
     * token missing but id set: the config's id is used as is (the processor inserts ids directly),
       unless the tokenizer already uses that id for another token.
+
+    No placeholder may end on a reserved id (`reserved_token_ids`: BOS/EOS/PAD/UNK of the tokenizer, of
+    the LLM config and ``declared``), whichever way it got its id; the existing modalities are checked too.
 
     Then the model's embeddings grow if the tokenizer has more ids than the model has rows (existing
     rows stay bit-identical). An explicit id outside the vocabulary raises ValueError.
@@ -49,17 +90,16 @@ def align_tokens(model, tokenizer) -> list[str]:
                          "tokenizer.json, or the .gguf file it came with)")
     vocab = tokenizer.get_vocab()
     added_vocab = set(tokenizer.get_added_vocab())
-    reserved = {i for i in (tokenizer.bos_token_id, tokenizer.eos_token_id, tokenizer.pad_token_id,
-                            tokenizer.unk_token_id) if i is not None}
+    reserved = reserved_token_ids(model, tokenizer, declared)
     to_add = []
     for modality in model.config.modalities.values():
         known = vocab.get(modality.token)
         if known is not None:
             if known in reserved or modality.token not in added_vocab:
+                owner = reserved.get(known, "the tokenizer's ordinary token")
                 raise ValueError(
-                    f"{modality.name}: placeholder token {modality.token!r} is already the tokenizer's "
-                    f"{'BOS/EOS/PAD/UNK' if known in reserved else 'ordinary'} token {known}; give the modality a "
-                    "token string of its own (e.g. '<|NAME_PAD|>')"
+                    f"{modality.name}: placeholder token {modality.token!r} is already {owner} {known}; give the "
+                    "modality a token string of its own (e.g. '<|NAME_PAD|>')"
                 )
             if modality.token_id is None:
                 modality.token_id = known
@@ -81,6 +121,20 @@ def align_tokens(model, tokenizer) -> list[str]:
         tokenizer.add_tokens([AddedToken(m.token, special=True, normalized=False) for m in to_add], special_tokens=True)
         for modality in to_add:
             modality.token_id = tokenizer.convert_tokens_to_ids(modality.token)
+    added = {m.name for m in to_add}
+    for modality in model.config.modalities.values():
+        if modality.token_id not in reserved:
+            continue
+        if modality.name in added:  # the configs declare an id beyond the tokenizer's own: not the LLM's tokenizer
+            raise ValueError(
+                f"{modality.name}: the tokenizer gave the new placeholder {modality.token!r} id {modality.token_id}, "
+                f"which is {reserved[modality.token_id]}; this tokenizer does not match the checkpoint: pass the "
+                "LLM's own tokenizer"
+            )
+        raise ValueError(
+            f"{modality.name}: placeholder id {modality.token_id} is {reserved[modality.token_id]}; set token_id to "
+            "an id no special token uses, or unset it so a new token is added"
+        )
     # Grow for the tokenizer's ids only; an explicit id outside the vocabulary is an error (below).
     vocab = tokenizer.get_vocab()
     needed = max([len(tokenizer)] + [vocab[m.token] + 1 for m in model.config.modalities.values() if m.token in vocab])

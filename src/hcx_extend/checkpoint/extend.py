@@ -3,8 +3,10 @@
 Any `Source` works (an HCX omni checkpoint, a HyperCLOVAXVisionV2 checkpoint, a plain causal LM
 folder, a ``.gguf`` file). The new modality's placeholder token is added to the tokenizer when it
 is missing (`hcx_extend.processor.align_tokens`), growing the embeddings if needed; existing rows
-stay bit-identical. Tensors the model does not build (the Omni checkpoint's ``model.discrete_*``)
-are carried through to the saved checkpoint unchanged.
+stay bit-identical. Adding a modality needs the LLM's tokenizer (the source's, or one passed in), and
+no placeholder may take an id the tokenizer or the source's configs declare as BOS/EOS/PAD/UNK.
+Tensors the model does not build (the Omni checkpoint's ``model.discrete_*``) are carried through to
+the saved checkpoint unchanged.
 """
 
 from __future__ import annotations
@@ -17,7 +19,7 @@ from typing import Any, Iterable
 import torch
 from accelerate import init_empty_weights
 
-from hcx_extend.checkpoint.sources import Source, read_source
+from hcx_extend.checkpoint.sources import Source, load_tokenizer, read_source
 from hcx_extend.config import ModalityConfig
 from hcx_extend.layout import iter_safetensors, iter_safetensors_file, replace_folder
 from hcx_extend.model import OmniForCausalLM
@@ -50,8 +52,10 @@ def extend(
     Args:
         source: a checkpoint folder, a ``.gguf`` file, or a `Source` from `read_source`.
         modalities: `ModalityConfig` objects or dicts (a dict of dicts is keyed by name); may be empty.
-        tokenizer: overrides the source's tokenizer. When a modality's placeholder token is missing
-            from it, the token is added and the embeddings grow (existing rows stay bit-identical).
+        tokenizer: overrides the source's tokenizer: a tokenizer object or a folder holding one (the CLI's
+            ``--tokenizer DIR``). Needed when the source has none and a modality is added. When a
+            modality's placeholder token is missing from it, the token is added and the embeddings grow
+            (existing rows stay bit-identical).
         output_dir: when given, the model (HCX layout) and tokenizer are saved there, all at once.
         dtype: cast the weights ("bf16", "fp32", ...); None keeps the source's.
 
@@ -59,11 +63,15 @@ def extend(
         `Extended` with the model (eval mode), the tokenizer and the `LoadReport`.
 
     Raises:
-        ValueError: a modality without a usable placeholder id and no tokenizer to add one to; a
-            modality that already exists; a bad modality config (named in the message).
+        FileNotFoundError: ``tokenizer`` names a folder that does not exist.
+        ValueError: a modality to add but no usable tokenizer (neither the source's nor ``tokenizer``);
+            a placeholder on a special token's id (`hcx_extend.processor.align_tokens`); a modality that
+            already exists; a bad modality config (named in the message).
     """
     source = source if isinstance(source, Source) else read_source(source)
     config = source.config
+    if isinstance(tokenizer, (str, os.PathLike)):
+        tokenizer = _read_tokenizer_folder(Path(tokenizer))
     tokenizer = tokenizer if tokenizer is not None else source.tokenizer
     if isinstance(modalities, dict):
         modalities = [ModalityConfig.from_dict(name, spec) for name, spec in modalities.items()]
@@ -77,16 +85,18 @@ def extend(
             if "name" not in modality:
                 raise ValueError(f"a modality dict needs a 'name'; got keys {sorted(modality)}")
             modality = ModalityConfig.from_dict(modality["name"], modality)
-        if tokenizer is not None and (modality.token_id is None or modality.token_id >= config.text_config.vocab_size):
+        if tokenizer is None:
+            # Without the LLM's tokenizer no placeholder id can be checked against its tokens, and a
+            # checkpoint saved without one could not encode a prompt anyway.
+            raise ValueError(
+                f"{modality.name}: {source.path or 'the source'} has no usable tokenizer (no tokenizer files beside "
+                "the weights), so a placeholder token cannot be added; pass the LLM's tokenizer: "
+                "`hcx-extend extend SOURCE --tokenizer DIR` (a folder with tokenizer.json), or tokenizer=DIR (or a "
+                "tokenizer object) in Python"
+            )
+        if modality.token_id is None or modality.token_id >= config.text_config.vocab_size:
             # The tokenizer decides: align_tokens reuses the token's id or adds the token.
             modality.token_id = None
-        elif tokenizer is None and modality.token_id is None:
-            where = source.path or "the source"
-            raise ValueError(
-                f"{modality.name}: {where} has no tokenizer, so a placeholder token cannot be added; pass "
-                "tokenizer=<the LLM's tokenizer> (CLI: save it beside the weights) or give the modality an unused "
-                "token_id below the vocabulary size"
-            )
         added.append(config.add_modality(modality))
         new_components |= {modality.encoder_module, modality.projector_module, modality.compressor_module} - existing
     new_components.discard(None)
@@ -100,7 +110,7 @@ def extend(
     model.eval()
     _load_pretrained_encoders(model, added)
     if tokenizer is not None:
-        align_tokens(model, tokenizer)
+        align_tokens(model, tokenizer, declared=source.special_ids)
     if output_dir is not None:
         with replace_folder(output_dir) as staging:
             model.save_pretrained(staging, max_shard_size=max_shard_size)
@@ -108,6 +118,16 @@ def extend(
                 tokenizer.save_pretrained(str(staging))
     return Extended(model=model, tokenizer=tokenizer, report=report, source_kind=source.kind,
                     source_path=source.path)
+
+
+def _read_tokenizer_folder(folder: Path) -> Any:
+    if not folder.is_dir():
+        raise FileNotFoundError(f"tokenizer folder {folder} does not exist (expected a folder with tokenizer.json)")
+    tokenizer = load_tokenizer(folder)
+    if tokenizer is None:
+        raise ValueError(f"{folder} holds no usable tokenizer (expected tokenizer.json or tokenizer_config.json with "
+                         "its vocabulary); pass the folder the LLM's tokenizer was saved in")
+    return tokenizer
 
 
 def _load_pretrained_encoders(model: OmniForCausalLM, modalities: list[ModalityConfig]) -> None:

@@ -11,13 +11,15 @@
 * ``gguf``: a ``.gguf`` file (dequantised to float32 by transformers while loading).
 
 Tensors are streamed (`hcx_extend.layout.iter_safetensors`), so describing a source reads no weight.
+A `Source` also says which token ids its configs declare special (`Source.special_ids`), so no
+placeholder is ever put on a BOS/EOS/PAD/UNK id, whichever tokenizer comes with it.
 """
 
 from __future__ import annotations
 
 import os
 import struct
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable
 
@@ -35,9 +37,12 @@ from hcx_extend.layout import (
     iter_named,
     iter_safetensors,
     read_config_dict,
+    read_json,
     safetensors_keys,
 )
+from hcx_extend.processor import declared_special_ids
 
+GENERATION_CONFIG_FILE = "generation_config.json"
 OMNI_TYPES = ("hcx_omni", "vlm")
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json")
 VISION_V2_TYPE = "hyperclovax_vision_v2"
@@ -51,8 +56,12 @@ class Source:
         kind: "omni", "vision_v2", "causal_lm" or "gguf".
         config: the `OmniConfig` (modalities of the source, if any).
         tensors: ``(key, tensor)`` pairs in the HCX layout; iterate once.
-        tokenizer: the tokenizer found beside the weights, or None.
+        tokenizer: the tokenizer found beside the weights, or None (also for a folder without
+            tokenizer files, where transformers would make up one; see `load_tokenizer`).
         path: where it was read from.
+        special_ids: ``{token id: where it is declared}`` for the BOS/EOS/PAD/UNK ids of config.json
+            (top level and text_config) and generation_config.json
+            (`hcx_extend.processor.declared_special_ids`).
     """
 
     kind: str
@@ -60,13 +69,16 @@ class Source:
     tensors: Iterable[tuple[str, torch.Tensor]]
     tokenizer: Any = None
     path: Path | None = None
+    special_ids: dict[int, str] = field(default_factory=dict)
 
 
 def load_tokenizer(directory: Path, **kwargs) -> Any:
-    """The tokenizer saved in ``directory``, or None when there is none (or only an empty one).
+    """The tokenizer saved in ``directory``, or None when there is none (or only a made-up one).
 
-    transformers can return a tokenizer with an empty vocabulary for a folder that has no tokenizer
-    files; that is treated as no tokenizer, so a placeholder id is never taken from it.
+    For a folder without tokenizer files transformers can return a tokenizer that holds no ordinary
+    token: an empty one, or (for a HyperCLOVAXVisionV2 config) GPT-2's with ``<|endoftext|>`` alone at
+    id 0. That is treated as no tokenizer: it cannot encode text, and a placeholder added to it would
+    take id 1, which such a checkpoint declares as BOS.
 
     Raises:
         ValueError: ``directory`` has tokenizer files that cannot be read (truncated, corrupt), naming them.
@@ -80,7 +92,18 @@ def load_tokenizer(directory: Path, **kwargs) -> Any:
                              f"({' '.join(str(error).split())[:300] or type(error).__name__}); the file may be "
                              "truncated or corrupt") from None
         return None
-    return tokenizer if len(tokenizer) > 0 else None
+    ordinary_tokens = len(tokenizer) - len(tokenizer.get_added_vocab())
+    return tokenizer if ordinary_tokens > 0 else None
+
+
+def _folder_special_ids(path: Path, raw: dict[str, Any]) -> dict[int, str]:
+    """The special ids config.json (top level and text_config) and generation_config.json declare."""
+    generation_path = path / GENERATION_CONFIG_FILE
+    generation = read_json(generation_path) if generation_path.is_file() else None
+    if generation is not None and not isinstance(generation, dict):
+        raise ValueError(f"{generation_path}: expected a JSON object, got {type(generation).__name__}")
+    return declared_special_ids([(CONFIG_FILE, raw), (f"{CONFIG_FILE} text_config", raw.get("text_config")),
+                                 (GENERATION_CONFIG_FILE, generation)])
 
 
 def read_source(path: str | os.PathLike) -> Source:
@@ -109,9 +132,10 @@ def read_source(path: str | os.PathLike) -> Source:
         if vision_v2:
             config = _config_from_vision_v2(raw, path)
             return Source("vision_v2", config, iter_named(iter_safetensors(path), hcx_key_from_vision_v2),
-                          load_tokenizer(path), path)
+                          load_tokenizer(path), path, _folder_special_ids(path, raw))
         config = _omni_config(raw, path)
-        return Source("omni", config, iter_safetensors(path), load_tokenizer(path), path)
+        return Source("omni", config, iter_safetensors(path), load_tokenizer(path), path,
+                      _folder_special_ids(path, raw))
     if not isinstance(model_type, str) or not model_type:
         raise ValueError(f"{path / CONFIG_FILE} has no model_type; it is not a checkpoint this package can read")
     try:
@@ -124,7 +148,7 @@ def read_source(path: str | os.PathLike) -> Source:
     except ValueError as error:
         raise ValueError(f"{path / CONFIG_FILE}: {error}") from None
     return Source("causal_lm", config, iter_named(iter_safetensors(path), hcx_key_from_causal_lm),
-                  load_tokenizer(path), path)
+                  load_tokenizer(path), path, _folder_special_ids(path, raw))
 
 
 def read_omni_config(directory: str | os.PathLike) -> OmniConfig:
@@ -200,4 +224,7 @@ def _read_gguf(path: Path) -> Source:
     text_config = llm.config.to_dict()
     text_config.pop("quantization_config", None)  # the weights are dequantised now
     config = OmniConfig(text_config=text_config, modalities={})
-    return Source("gguf", config, iter_named(list(state.items()), hcx_key_from_causal_lm), tokenizer, path)
+    special_ids = declared_special_ids([(path.name, text_config),
+                                        (f"{path.name} generation config", llm.generation_config.to_dict())])
+    return Source("gguf", config, iter_named(list(state.items()), hcx_key_from_causal_lm), tokenizer, path,
+                  special_ids)
