@@ -140,3 +140,32 @@ def test_reader_limits_are_checked():
         parse_csv_text("a\n1\n", "upload", max_length=0)
     with pytest.raises(ValueError, match=r"upload: channel_names must be a list of column names, got 'a'"):
         parse_csv_text("a\n1\n", "upload", channel_names="a")
+
+
+def test_write_csv_replaces_a_recording_whole_or_not_at_all(tmp_path, monkeypatch):
+    path = tmp_path / "rec.csv"
+    write_csv(path, np.arange(12, dtype=np.float32).reshape(2, 6), CHANNELS)
+    before = path.read_bytes()
+
+    def disk_full(descriptor):
+        raise OSError(28, "No space left on device")
+
+    # The write fails after the new rows went out but before the rename (a full disk, a kill).
+    with monkeypatch.context() as patched:
+        patched.setattr(os, "fsync", disk_full)
+        with pytest.raises(OSError, match="No space left on device"):
+            write_csv(path, np.ones((50, 6), dtype=np.float32), CHANNELS)
+    assert path.read_bytes() == before
+    # A value that cannot be written, met after the header and first row: nothing is written either.
+    with pytest.raises(ValueError):
+        write_csv(path, np.array([[1.0] * 6, [1.0] * 5 + ["x"]], dtype=object), CHANNELS)
+    assert path.read_bytes() == before
+    assert [p.name for p in tmp_path.iterdir()] == ["rec.csv"]  # no temporary file left behind
+
+    renames = []
+    replace = os.replace
+    monkeypatch.setattr(os, "replace", lambda source, target: renames.append((source, target)) or replace(source, target))
+    write_csv(path, np.full((3, 6), 0.5, dtype=np.float32), CHANNELS)
+    (source, target), = renames
+    assert os.path.dirname(source) == str(tmp_path) and target == path  # a temporary file in the same folder
+    assert np.array_equal(read_csv(path), np.full((3, 6), 0.5, dtype=np.float32))

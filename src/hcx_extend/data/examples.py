@@ -13,16 +13,20 @@ the user controls; the HTTP server never reads files a request names.
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Iterator, Sequence
 
 import numpy as np
 
 from hcx_extend.config import OmniConfig
 from hcx_extend.data.sensors import read_npy, read_recording, resample
+
+# The longest JSONL line read (bytes): a file without line breaks is refused after this much, not read whole.
+MAX_JSONL_LINE_BYTES = 16 << 20
 
 
 @dataclass
@@ -96,46 +100,76 @@ def read_modality_files(config: OmniConfig, files: dict[str, Sequence[str | os.P
 def read_jsonl(path: str | os.PathLike, config: OmniConfig) -> list[Example]:
     """The examples of a JSONL file (format in the module docstring).
 
+    The file is streamed: each line is checked (and its item files read) before the next is read, so
+    the first bad line stops reading, and no line longer than `MAX_JSONL_LINE_BYTES` is held whole.
+
     Raises:
         FileNotFoundError: no such file, or a missing item file (named with the line that refers to it).
-        ValueError: naming the file and line for malformed lines, unknown modalities or bad items.
+        ValueError: naming the file and line (``"<path>:<line>: ..."``) for malformed lines, text that is
+            not UTF-8, overlong lines, unknown modalities or bad items; naming the file when it is a
+            folder, unreadable or holds no example.
     """
     path = Path(path)
     try:
-        lines = path.read_text(encoding="utf-8-sig").splitlines()
+        handle = path.open("rb")
     except FileNotFoundError:
         raise FileNotFoundError(f"{path} does not exist") from None
-    except UnicodeDecodeError as error:
-        raise ValueError(f"{path}: not UTF-8 text ({error.reason} at byte {error.start})") from None
     except IsADirectoryError:
         raise ValueError(f"{path} is a folder, not a JSONL file") from None
     except OSError as error:
         raise ValueError(f"{path}: cannot be read ({error.strerror or error})") from None
     examples = []
-    for number, line in enumerate(lines, start=1):
-        if not line.strip():
-            continue
-        where = f"{path}:{number}"
-        try:
-            record = json.loads(line)
-        except (json.JSONDecodeError, RecursionError) as error:
-            raise ValueError(f"{where}: not JSON ({error})") from None
-        if not isinstance(record, dict) or not isinstance(record.get("messages"), list) or not record["messages"]:
-            raise ValueError(f"{where}: needs 'messages' (a non-empty list of {{'role', 'content'}}) and optionally "
-                             "'inputs'")
-        for message in record["messages"]:
-            if (not isinstance(message, dict) or not isinstance(message.get("role"), str)
-                    or not isinstance(message.get("content"), str)):
-                raise ValueError(f"{where}: every message needs a string 'role' and a string 'content', got {message!r}")
-        files = record.get("inputs", {})
-        if not isinstance(files, dict) or not all(
-                isinstance(v, list) and all(isinstance(f, str) for f in v) for v in files.values()):
-            raise ValueError(f"{where}: 'inputs' must map modality names to lists of file names, got {files!r}")
-        try:
-            inputs = read_modality_files(config, {name: [path.parent / f for f in names] for name, names in files.items()})
-        except (ValueError, FileNotFoundError) as error:
-            raise type(error)(f"{where}: {error}") from None
-        examples.append(Example(record["messages"], inputs))
+    with handle:
+        for number, line in _numbered_lines(handle, path):
+            example = _parse_jsonl_line(line, f"{path}:{number}", path.parent, config)
+            if example is not None:
+                examples.append(example)
     if not examples:
         raise ValueError(f"{path} holds no examples")
     return examples
+
+
+def _numbered_lines(handle, path: Path) -> Iterator[tuple[int, str]]:
+    """``(number, text)`` for the lines of an open binary file, decoded one at a time (a UTF-8 BOM on
+    the first is dropped)."""
+    for number in itertools.count(1):
+        try:
+            raw = handle.readline(MAX_JSONL_LINE_BYTES + 1)
+        except OSError as error:
+            raise ValueError(f"{path}:{number}: cannot be read ({error.strerror or error})") from None
+        if not raw:
+            return
+        if len(raw) > MAX_JSONL_LINE_BYTES and not raw.endswith(b"\n"):
+            raise ValueError(f"{path}:{number}: longer than {MAX_JSONL_LINE_BYTES} bytes; one example per line, "
+                             "naming its item files")
+        try:
+            yield number, raw.decode("utf-8-sig" if number == 1 else "utf-8")
+        except UnicodeDecodeError as error:
+            raise ValueError(f"{path}:{number}: not UTF-8 text ({error.reason} at byte {error.start} of the "
+                             "line)") from None
+
+
+def _parse_jsonl_line(line: str, where: str, folder: Path, config: OmniConfig) -> Example | None:
+    """One line's example (None for a blank line); item paths are relative to ``folder``."""
+    if not line.strip():
+        return None
+    try:
+        record = json.loads(line)
+    except (json.JSONDecodeError, RecursionError) as error:
+        raise ValueError(f"{where}: not JSON ({error})") from None
+    if not isinstance(record, dict) or not isinstance(record.get("messages"), list) or not record["messages"]:
+        raise ValueError(f"{where}: needs 'messages' (a non-empty list of {{'role', 'content'}}) and optionally "
+                         "'inputs'")
+    for message in record["messages"]:
+        if (not isinstance(message, dict) or not isinstance(message.get("role"), str)
+                or not isinstance(message.get("content"), str)):
+            raise ValueError(f"{where}: every message needs a string 'role' and a string 'content', got {message!r}")
+    files = record.get("inputs", {})
+    if not isinstance(files, dict) or not all(
+            isinstance(v, list) and all(isinstance(f, str) for f in v) for v in files.values()):
+        raise ValueError(f"{where}: 'inputs' must map modality names to lists of file names, got {files!r}")
+    try:
+        inputs = read_modality_files(config, {name: [folder / f for f in names] for name, names in files.items()})
+    except (ValueError, FileNotFoundError) as error:
+        raise type(error)(f"{where}: {error}") from None
+    return Example(record["messages"], inputs)

@@ -20,6 +20,8 @@ from typing import Sequence
 
 import numpy as np
 
+from hcx_extend.layout import atomic_write_text
+
 # The longest CSV line read (characters): a file without line breaks is refused after this much, not read whole.
 MAX_LINE_CHARS = 1 << 20
 _FLOAT32_MAX = float(np.finfo(np.float32).max)
@@ -185,11 +187,16 @@ def _is_number(text: str) -> bool:
 
 
 def write_csv(path: str | Path, values: np.ndarray, channel_names: Sequence[str]) -> None:
-    """Write ``(time, channels)`` with a header row (the format `read_csv` reads)."""
-    with Path(path).open("w", newline="") as handle:
-        writer = csv.writer(handle)
-        writer.writerow(channel_names)
-        writer.writerows([f"{v:.6g}" for v in row] for row in np.asarray(values))
+    """Write ``(time, channels)`` with a header row (the format `read_csv` reads).
+
+    Atomic (`hcx_extend.layout.atomic_write_text`: a temporary file beside ``path``, then a rename), so
+    a reader, or a run killed while writing, sees the old recording or the new one, never part of one.
+    """
+    text = io.StringIO()
+    writer = csv.writer(text, lineterminator="\n")
+    writer.writerow(channel_names)
+    writer.writerows([f"{v:.6g}" for v in row] for row in np.asarray(values))
+    atomic_write_text(path, text.getvalue())
 
 
 def read_npy(path: str | Path, max_length: int | None = None) -> np.ndarray:
