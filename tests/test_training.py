@@ -70,10 +70,10 @@ class CrashingTrainer(Trainer):
 
     crash_at = 0
 
-    def _train_step(self, indices):
+    def _train_step(self, indices, epoch):
         if self.step + 1 == self.crash_at:
             raise Crash
-        return super()._train_step(indices)
+        return super()._train_step(indices, epoch)
 
 
 def run(tokenizer, output_dir, trainer_class=Trainer, **overrides):
@@ -159,3 +159,105 @@ def test_full_fine_tune_of_a_tied_llm_saves_and_loads_back(tokenizer, tmp_path):
     for key in expected:
         if key.startswith(tuple(f"model.{c}." for c in components)):
             assert torch.equal(got[key], expected[key]), key
+
+
+def shifted(example, rng):
+    """A variation that adds a random offset to the sensor item (what augmentation hooks do)."""
+    values = example.inputs["sensor"][0]
+    return Example(example.messages, {"sensor": [values + float(rng.normal())]})
+
+
+def test_variations_are_fresh_every_epoch_and_the_same_after_a_resume(tokenizer, tmp_path):
+    seen = []
+
+    def recording(example, rng):
+        varied = shifted(example, rng)
+        seen.append(float(varied.inputs["sensor"][0][0, 0] - example.inputs["sensor"][0][0, 0]))
+        return varied
+
+    straight, trainer = run(tokenizer, tmp_path / "straight")
+    trainer.vary = recording
+    straight_result = trainer.train()
+    offsets = list(seen)
+    assert len(offsets) == 36  # 12 examples x 3 epochs, one draw each
+    assert len(set(round(o, 6) for o in offsets)) == 36  # every epoch draws new variations
+
+    CrashingTrainer.crash_at = 6
+    _, crashing = run(tokenizer, tmp_path / "resumed", trainer_class=CrashingTrainer)
+    crashing.vary = shifted
+    with pytest.raises(Crash):
+        crashing.train()
+    resumed, trainer = run(tokenizer, tmp_path / "resumed")
+    trainer.vary = shifted
+    resumed_result = trainer.train()
+    assert [h["loss"] for h in resumed_result.history if "loss" in h] == \
+        [h["loss"] for h in straight_result.history if "loss" in h]
+    for (name, a), (_, b) in zip(straight.named_parameters(), resumed.named_parameters()):
+        assert torch.equal(a, b), name
+
+
+def test_the_weight_average_is_what_is_evaluated_kept_and_resumed(tokenizer, tmp_path):
+    # Decay 0: the average is the latest weights, so the run must end exactly where plain training ends.
+    plain, trainer = run(tokenizer, tmp_path / "plain")
+    trainer.evaluate = None
+    trainer.train()
+    averaged, trainer = run(tokenizer, tmp_path / "zero", ema_decay=0.0)
+    trainer.evaluate = None
+    trainer.train()
+    for (name, a), (_, b) in zip(plain.named_parameters(), averaged.named_parameters()):
+        assert torch.equal(a, b), name
+
+    # Decay 0.9: the returned weights are the average, not the last step's.
+    model, trainer = run(tokenizer, tmp_path / "ema", ema_decay=0.9)
+    trainer.evaluate = None
+    last = {}
+    original = trainer._update_ema
+
+    def remember():
+        original()
+        last.update({n: p.detach().clone() for n, p in trainer._trainable_named()})
+
+    trainer._update_ema = remember
+    trainer.train()
+    name = "model.sensor_projector.fc2.weight" if "model.sensor_projector.fc2.weight" in last else sorted(last)[0]
+    assert torch.equal(dict(model.named_parameters())[name], trainer.ema[name])
+    assert not torch.equal(trainer.ema[name], last[name])
+
+    # A resumed run restores the average too.
+    straight, trainer = run(tokenizer, tmp_path / "straight", ema_decay=0.9)
+    trainer.train()
+    CrashingTrainer.crash_at = 6
+    _, crashing = run(tokenizer, tmp_path / "resumed", trainer_class=CrashingTrainer, ema_decay=0.9)
+    with pytest.raises(Crash):
+        crashing.train()
+    resumed, trainer = run(tokenizer, tmp_path / "resumed", ema_decay=0.9)
+    trainer.train()
+    for (name, a), (_, b) in zip(straight.named_parameters(), resumed.named_parameters()):
+        assert torch.equal(a, b), name
+
+
+def test_resuming_a_run_without_a_weight_average_with_one_is_refused(tokenizer, tmp_path):
+    _, trainer = run(tokenizer, tmp_path, max_steps=2)
+    trainer.train()
+    with pytest.raises(ValueError, match="ema_decay"):
+        run(tokenizer, tmp_path, ema_decay=0.9)[1].train()
+
+
+def test_each_parameter_role_gets_its_strategys_rate_unless_one_is_set(tokenizer):
+    from hcx_extend.ladder import get_strategy
+
+    model = tiny(tokenizer)
+    processor = OmniProcessor(tokenizer, model.config)
+    model.fresh_components = {"sensor_model", "sensor_projector"}
+    config = TrainConfig(strategy="full", modalities=["sensor"], epochs=1, batch_size=4, progress=False)
+    trainer = Trainer(model, processor, examples(4), config, log=lambda line: None)
+    rates = {g["name"]: g["lr"] for g in trainer.param_groups}
+    defaults = get_strategy("full").learning_rates
+    assert rates == {"new": defaults.new, "pretrained": defaults.pretrained}
+    names = {g["name"]: {id(p) for p in g["params"]} for g in trainer.param_groups}
+    llm = {id(p) for n, p in model.named_parameters() if n.startswith("model.language_model.")}
+    assert llm <= names["pretrained"] and not llm & names["new"]
+
+    explicit = TrainConfig(strategy="full", learning_rate=1e-2, pretrained_lr=1e-6, projector_lr=5e-3)
+    assert explicit.rates_for(get_strategy("full")) == {"new": 1e-2, "pretrained": 1e-6, "adapter": 1e-2,
+                                                        "projector": 5e-3}

@@ -6,6 +6,7 @@ Errors are one line, ``error: ...``, and exit code 2; ``--debug`` shows the trac
 from __future__ import annotations
 
 import argparse
+import json
 import math
 import os
 import sys
@@ -15,8 +16,9 @@ from pathlib import Path
 from hcx_extend.checkpoint import extend
 from hcx_extend.checkpoint.modality_file import read_modality_file
 from hcx_extend.data.examples import read_jsonl, read_modality_files
-from hcx_extend.evaluation import evaluate_examples, write_evaluation
+from hcx_extend.evaluation import evaluate_examples, score_choices, write_evaluation
 from hcx_extend.inference import Conversation, GenerationSettings
+from hcx_extend.layout import atomic_write_text
 from hcx_extend.memory.commands import run_estimate, run_plan
 from hcx_extend.presets import imu_modality
 from hcx_extend.processor import OmniProcessor
@@ -137,6 +139,17 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     output = Path(args.output) if args.output else Path(args.checkpoint).parent / "evaluation"
     written = write_evaluation(evaluation, output, Path(args.data).stem)
     print(evaluation.report.table())
+    if args.choices is not None:
+        choices = (sorted({e.answer for e in examples}) if args.choices == "data"
+                   else [c.strip() for c in args.choices.split(",") if c.strip()])
+        try:
+            scores = score_choices(model, processor, examples, choices, batch_size=args.batch_size)
+        except ValueError as error:
+            raise CommandError(f"--choices: {error}") from None
+        print(f"by generation: {evaluation.report.correct}/{evaluation.report.total} = {evaluation.report.accuracy:.1%}")
+        print(scores.summary(count=5))
+        atomic_write_text(output / "choices.json", json.dumps(scores.to_dict(), indent=2))
+        written.append(output / "choices.json")
     print(f"wrote {', '.join(str(p) for p in written)}")
     return 0
 
@@ -174,7 +187,7 @@ class _Parser(argparse.ArgumentParser):
 _POSITIVE_INTEGERS = ("epochs", "batch_size", "max_new_tokens", "grad_accum", "eval_every", "patience", "threads",
                       "stride", "batch", "seq")
 _NON_NEGATIVE_INTEGERS = ("warmup_steps",)
-_POSITIVE_NUMBERS = ("lr", "projector_lr", "adapter_lr")
+_POSITIVE_NUMBERS = ("lr", "projector_lr", "adapter_lr", "pretrained_lr")
 _NON_NEGATIVE_NUMBERS = ("temperature",)
 
 
@@ -256,6 +269,10 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--base", default=None, help="where a run checkpoint's base model is, if it moved")
     ev.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto (default: a GPU if there is one)")
     ev.add_argument("--max-new-tokens", type=int, default=16)
+    ev.add_argument("--choices", default=None, metavar="A,B,...|data",
+                    help="the closed set of answers (comma-separated, or 'data' for the distinct answers in --data): "
+                    "also score each by its likelihood and print accuracy by choice, the mean margin and the "
+                    "examples closest to the boundary (written to choices.json)")
     ev.add_argument("--batch-size", type=int, default=16)
     ev.set_defaults(run=cmd_evaluate)
 

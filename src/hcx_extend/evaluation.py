@@ -146,6 +146,123 @@ def evaluate_examples(
     return Evaluation(score_answers(truths, parsed), answers, truths)
 
 
+@dataclass
+class ChoiceScores:
+    """Each example's log-likelihood of every allowed answer (lm-evaluation-harness' multiple choice).
+
+    Attributes:
+        choices: the allowed answers, in column order.
+        log_likelihoods: ``(examples, choices)``: the summed log-probability of each choice's tokens
+            (the whole assistant turn, its end-of-turn token included) given the example's prompt.
+        truths: the expected answers (normalised).
+    """
+
+    choices: list[str]
+    log_likelihoods: np.ndarray
+    truths: list[str]
+
+    @property
+    def predictions(self) -> list[str]:
+        return [self.choices[i] for i in self.log_likelihoods.argmax(axis=1)]
+
+    @property
+    def probabilities(self) -> np.ndarray:
+        """``(examples, choices)``: the likelihoods renormalised over the allowed answers."""
+        shifted = self.log_likelihoods - self.log_likelihoods.max(axis=1, keepdims=True)
+        weights = np.exp(shifted)
+        return weights / weights.sum(axis=1, keepdims=True)
+
+    @property
+    def margins(self) -> np.ndarray:
+        """``(examples,)``: log-likelihood of the expected answer minus the best other one (> 0 = right)."""
+        truth = np.array([self.choices.index(t) for t in self.truths])
+        rows = np.arange(len(truth))
+        others = self.log_likelihoods.copy()
+        others[rows, truth] = -np.inf
+        return self.log_likelihoods[rows, truth] - others.max(axis=1)
+
+    @property
+    def report(self) -> ClassificationReport:
+        return score_answers(self.truths, self.predictions)
+
+    def closest(self, count: int = 3) -> list[int]:
+        """The ``count`` examples nearest the decision boundary (smallest margins first)."""
+        return [int(i) for i in np.argsort(self.margins, kind="stable")[:count]]
+
+    def summary(self, count: int = 3) -> str:
+        """Accuracy by choice, the mean and smallest margins, and the examples closest to the boundary."""
+        margins, probabilities = self.margins, self.probabilities
+        lines = [f"by choice: {self.report.correct}/{len(self.truths)} = {self.report.accuracy:.1%}; margin "
+                 f"(log-likelihood of the right answer minus the best wrong one) mean {margins.mean():.2f}, "
+                 f"min {margins.min():.2f}"]
+        for index in self.closest(count):
+            ranked = np.argsort(-probabilities[index], kind="stable")
+            shown = ", ".join(f"{self.choices[j]} {probabilities[index, j]:.1%}" for j in ranked[:3])
+            lines.append(f"  example {index} ({self.truths[index]}): margin {margins[index]:.2f}; {shown}")
+        return "\n".join(lines)
+
+    def to_dict(self) -> dict:
+        return {"choices": self.choices, "accuracy": self.report.accuracy,
+                "mean_margin": float(self.margins.mean()), "min_margin": float(self.margins.min()),
+                "examples": [{"expected": t, "predicted": p, "margin": float(m),
+                              "probabilities": dict(zip(self.choices, map(float, row)))}
+                             for t, p, m, row in zip(self.truths, self.predictions, self.margins, self.probabilities)]}
+
+
+def gather_inputs(examples: Sequence[Example]) -> dict[str, list]:
+    """The modality items of ``examples``, concatenated per modality in example order (a batch's inputs)."""
+    inputs: dict[str, list] = {}
+    for example in examples:
+        for name, items in example.inputs.items():
+            inputs.setdefault(name, []).extend(items)
+    return inputs
+
+
+@torch.no_grad()
+def score_choices(model: OmniForCausalLM, processor: OmniProcessor, examples: Sequence[Example],
+                  choices: Sequence[str], *, batch_size: int = 16) -> ChoiceScores:
+    """Score every allowed answer of every example by its log-likelihood (no generation).
+
+    Each example's prompt is completed with each choice as the assistant's answer; the answer tokens'
+    log-probabilities are summed. The prediction is the most likely choice, so the result says how
+    sure the model is, not only whether its greedy answer happened to be right.
+
+    Args:
+        examples: chats ending with the expected answer, which must be one of ``choices`` (after `normalise`).
+        choices: the closed set of answers (two or more, distinct after `normalise`).
+        batch_size: examples per forward pass (each brings ``len(choices)`` sequences).
+
+    Raises:
+        ValueError: fewer than two choices, duplicates, or an expected answer that is not a choice.
+    """
+    choices = list(choices)
+    normalised = [normalise(c) for c in choices]
+    if len(choices) < 2 or len(set(normalised)) != len(choices):
+        raise ValueError(f"choices must be two or more distinct answers, got {choices}")
+    truths = [normalise(e.answer) if e.answer is not None else None for e in examples]
+    strangers = sorted({t for t in truths if t not in normalised}, key=str)
+    if strangers:
+        raise ValueError(f"expected answers {strangers[:5]} are not among the choices {choices}")
+    scores = np.zeros((len(examples), len(choices)))
+    for start in range(0, len(examples), batch_size):
+        chunk = examples[start:start + batch_size]
+        chats = [e.prompt + [{"role": "assistant", "content": c}] for e in chunk for c in choices]
+        items = gather_inputs([e for e in chunk for _ in choices])
+        batch = processor(chats, items, return_labels=True, padding_side="right")
+        output = model(**batch, logits_to_keep="labels")
+        # The rows of output.logits are the positions the model kept: those whose next token is labelled.
+        labels = batch["labels"].masked_fill(model.placeholder_mask(batch["input_ids"]), IGNORE_INDEX)
+        targets = torch.full_like(labels, IGNORE_INDEX)
+        targets[:, :-1] = labels[:, 1:]
+        kept = targets != IGNORE_INDEX
+        log_probs = torch.log_softmax(output.logits.float(), dim=-1)
+        token_scores = log_probs.gather(1, targets[kept].to(log_probs.device)[:, None])[:, 0]
+        rows = kept.nonzero()[:, 0]
+        sums = torch.zeros(len(chats), dtype=torch.float64).index_add_(0, rows, token_scores.double().cpu())
+        scores[start:start + len(chunk)] = sums.view(len(chunk), len(choices)).numpy()
+    return ChoiceScores(normalised, scores, truths)
+
+
 @torch.no_grad()
 def mean_answer_loss(model: OmniForCausalLM, processor: OmniProcessor, examples: Sequence[Example],
                      batch_size: int = 16) -> float:

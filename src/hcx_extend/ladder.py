@@ -43,6 +43,23 @@ class LoraSpec:
 
 
 @dataclass(frozen=True)
+class LearningRates:
+    """A rung's default AdamW learning rates, by what a parameter is.
+
+    Args:
+        new: modules initialised for this run (a new encoder, its projector and compressor): they start
+            from random weights and need large steps.
+        adapter: LoRA adapters (the LoRA paper and peft's examples use 1e-4 to 3e-4).
+        pretrained: pretrained weights trained in full (an LLM, a pretrained encoder): small steps, or
+            the model forgets what it knew (full fine-tunes of LLMs use 1e-5 to 5e-5).
+    """
+
+    new: float = 1e-3
+    adapter: float = 2e-4
+    pretrained: float = 2e-5
+
+
+@dataclass(frozen=True)
 class Strategy:
     """What one rung of the ladder trains.
 
@@ -56,6 +73,8 @@ class Strategy:
         encoder_lora: LoRA adapters on the target encoders (None = none).
         llm_lora: LoRA adapters on the LLM (None = none).
         quantize_llm: hold the LLM's linear layers in "nf4" or "int8" (None = full precision).
+        learning_rates: the rung's default learning rates (`LearningRates`); ``train`` and ``demo`` use
+            them unless the user sets a rate.
     """
 
     name: str
@@ -67,6 +86,7 @@ class Strategy:
     encoder_lora: LoraSpec | None = None
     llm_lora: LoraSpec | None = None
     quantize_llm: str | None = None
+    learning_rates: LearningRates = LearningRates()
 
 
 STRATEGIES: dict[str, Strategy] = {

@@ -305,6 +305,7 @@ class OmniForCausalLM(PreTrainedModel, GenerationMixin):
         use_cache: bool | None = None,
         logits_to_keep: int | torch.Tensor = 0,
         modality_inputs: dict[str, dict[str, torch.Tensor]] | None = None,
+        label_smoothing: float = 0.0,
         **kwargs: Any,
     ) -> CausalLMOutputWithPast:
         """Run the LLM on text plus modality inputs.
@@ -317,6 +318,7 @@ class OmniForCausalLM(PreTrainedModel, GenerationMixin):
                 ``"labels"`` to compute logits only where a label is predicted (training: much cheaper
                 when the vocabulary is large); the returned logits are then ``(kept, vocab)``.
             modality_inputs: ``{name: batch dict}`` as produced by `OmniProcessor`.
+            label_smoothing: of the loss's cross-entropy (training only; 0 = the plain likelihood).
 
         Returns:
             `CausalLMOutputWithPast` with ``loss`` (mean token cross-entropy) when labels are given.
@@ -366,7 +368,8 @@ class OmniForCausalLM(PreTrainedModel, GenerationMixin):
                 kept_targets = targets[:, -kept:].reshape(-1)
                 flat_logits = outputs.logits.reshape(-1, outputs.logits.shape[-1])
             if (kept_targets != IGNORE_INDEX).any():
-                loss = F.cross_entropy(flat_logits.float(), kept_targets, ignore_index=IGNORE_INDEX)
+                loss = F.cross_entropy(flat_logits.float(), kept_targets, ignore_index=IGNORE_INDEX,
+                                       label_smoothing=label_smoothing)
             else:
                 loss = flat_logits.sum() * 0.0
         return CausalLMOutputWithPast(

@@ -1,9 +1,13 @@
-"""Label-preserving variations of sensor recordings, drawn once with a seed (so a resumed run sees the same data).
+"""Label-preserving variations of sensor recordings: a random contiguous crop (the activity is the same
+over the whole window), every channel scaled by a factor drawn around 1, and Gaussian noise relative
+to each channel's spread. Recordings stay ``(time, channels)`` float32.
 
-`augment_recordings` returns the originals followed by ``copies`` variations of each: a random
-contiguous crop of ``crop`` of the steps (the activity is the same over the whole 10 s window),
-every channel scaled by a factor drawn around 1, and Gaussian noise relative to each channel's
-spread. Recordings stay ``(time, channels)`` float32.
+Two ways to use them:
+
+* `example_variations`: a fresh variation of every training example in every epoch (the trainer's
+  ``vary`` hook draws it with a generator seeded by seed, epoch and example, so a resumed run sees the
+  same ones). What the demo and ``train`` do.
+* `augment_recordings`: the originals followed by ``copies`` variations of each, drawn once.
 """
 
 from __future__ import annotations
@@ -13,14 +17,17 @@ from typing import Sequence
 
 import numpy as np
 
+from hcx_extend.data.examples import Example
+
 
 @dataclass(frozen=True)
 class Augmentation:
     """How to vary a recording.
 
     Args:
-        copies: variations made of each recording (0 = none).
-        crop: fraction of the steps a crop keeps, in (0, 1] (1 = no cropping).
+        copies: variations made of each recording by `augment_recordings` (0 = none).
+        crop: the smallest fraction of the steps a crop keeps, in (0, 1]; each crop keeps a fraction
+            drawn uniformly from ``[crop, 1]`` (1 = no cropping).
         scale: channels are multiplied by a factor uniform in ``[1 - scale, 1 + scale]``.
         noise: Gaussian noise with this fraction of each channel's standard deviation.
     """
@@ -42,7 +49,7 @@ class Augmentation:
 def vary(values: np.ndarray, augmentation: Augmentation, rng: np.random.Generator) -> np.ndarray:
     """One variation of a ``(time, channels)`` recording."""
     steps, channels = values.shape
-    length = max(1, round(steps * augmentation.crop))
+    length = max(1, round(steps * rng.uniform(augmentation.crop, 1.0)))
     start = int(rng.integers(0, steps - length + 1))
     out = values[start:start + length].astype(np.float64)
     if augmentation.scale:
@@ -62,3 +69,16 @@ def augment_recordings(values: Sequence[np.ndarray], labels: Sequence[str], augm
             out_values.append(vary(recording, augmentation, rng))
             out_labels.append(label)
     return out_values, out_labels
+
+
+def example_variations(augmentation: Augmentation, modalities: Sequence[str]):
+    """The trainer's ``vary`` hook: an `Example` with each 2-D item of ``modalities`` replaced by a variation."""
+    names = set(modalities)
+
+    def draw(example: Example, rng: np.random.Generator) -> Example:
+        inputs = {name: [vary(np.asarray(item), augmentation, rng) if name in names and np.ndim(item) == 2 else item
+                         for item in items]
+                  for name, items in example.inputs.items()}
+        return Example(example.messages, inputs)
+
+    return draw

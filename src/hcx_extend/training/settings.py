@@ -12,9 +12,12 @@ import math
 from dataclasses import dataclass
 from typing import Sequence
 
+from hcx_extend.ladder import Strategy
+
 # Settings a resumed run must share with the run it continues.
 RESUME_KEYS = ("strategy", "modalities", "epochs", "batch_size", "learning_rate", "weight_decay", "warmup_steps",
-               "min_lr_ratio", "lr_schedule", "projector_lr", "adapter_lr", "max_grad_norm", "seed")
+               "min_lr_ratio", "lr_schedule", "projector_lr", "adapter_lr", "pretrained_lr", "max_grad_norm", "seed",
+               "ema_decay", "label_smoothing")
 
 
 @dataclass
@@ -25,16 +28,21 @@ class TrainConfig:
         strategy: a name from `hcx_extend.ladder.STRATEGIES`.
         modalities: modalities the strategy trains (None = all).
         epochs / batch_size: passes over the data and samples per optimiser step (global).
-        learning_rate / weight_decay / warmup_steps / min_lr_ratio: AdamW with linear warm-up then
-            cosine decay to ``min_lr_ratio * learning_rate``.
+        learning_rate: one rate for every parameter whose role has no rate of its own below (None = the
+            strategy's `LearningRates` per role: new modules, adapters, pretrained weights).
+        weight_decay / warmup_steps / min_lr_ratio: AdamW with linear warm-up then cosine decay to
+            ``min_lr_ratio`` times each group's rate.
         lr_schedule: "cosine" (default), "linear" (both decay to ``min_lr_ratio``) or "constant", after warm-up.
-        projector_lr / adapter_lr: learning rates for projector parameters and for LoRA adapter parameters
-            (None = ``learning_rate``).
+        projector_lr / adapter_lr / pretrained_lr: rates for projector parameters, LoRA adapters and
+            pretrained weights trained in full (None = see `rates_for`).
         gradient_accumulation_steps: split each batch into this many micro-batches (same result, less memory).
         mixed_precision: "no", "bf16" or "fp16" autocast (accelerate).
         gradient_checkpointing: recompute the LLM's layer activations in the backward pass (less memory,
             about a third more compute).
         max_grad_norm: gradient clipping (None = off).
+        ema_decay: keep an exponential moving average of the trained weights with this decay per step
+            (e.g. 0.9); evaluations, model selection and the returned model use the average (None = off).
+        label_smoothing: cross-entropy label smoothing on the answer tokens (0 = off).
         eval_every_steps: evaluate every N steps (None = after every epoch).
         patience: stop after this many evaluations without a better score (None = never).
         target_score: stop as soon as an evaluation's score reaches this (None = never).
@@ -50,17 +58,20 @@ class TrainConfig:
     modalities: Sequence[str] | None = None
     epochs: int = 10
     batch_size: int = 8
-    learning_rate: float = 3e-4
+    learning_rate: float | None = None
     weight_decay: float = 0.01
     warmup_steps: int = 0
     min_lr_ratio: float = 0.1
     lr_schedule: str = "cosine"
     projector_lr: float | None = None
     adapter_lr: float | None = None
+    pretrained_lr: float | None = None
     gradient_accumulation_steps: int = 1
     mixed_precision: str = "no"
     gradient_checkpointing: bool = False
     max_grad_norm: float | None = 1.0
+    ema_decay: float | None = None
+    label_smoothing: float = 0.0
     eval_every_steps: int | None = None
     patience: int | None = None
     target_score: float | None = None
@@ -96,10 +107,15 @@ class TrainConfig:
         integer("seed", -(2 ** 63))
         for name in ("eval_every_steps", "patience", "max_steps", "save_every_steps"):
             integer(name, 1, optional=True)
-        number("learning_rate", 0, positive=True)
-        for name in ("projector_lr", "adapter_lr", "max_grad_norm"):
+        for name in ("learning_rate", "projector_lr", "adapter_lr", "pretrained_lr", "max_grad_norm"):
             number(name, 0, optional=True, positive=True)
         number("weight_decay", 0)
+        if self.ema_decay is not None and (isinstance(self.ema_decay, bool) or not isinstance(self.ema_decay, (int, float))
+                                           or not 0 <= self.ema_decay < 1):
+            raise ValueError(f"ema_decay must be a number in [0, 1) or None, got {self.ema_decay!r}")
+        if isinstance(self.label_smoothing, bool) or not isinstance(self.label_smoothing, (int, float)) \
+                or not 0 <= self.label_smoothing < 1:
+            raise ValueError(f"label_smoothing must be a number in [0, 1), got {self.label_smoothing!r}")
         number("target_score", -math.inf, optional=True)
         if not isinstance(self.min_lr_ratio, (int, float)) or not 0 <= self.min_lr_ratio <= 1:
             raise ValueError(f"min_lr_ratio must be a number in [0, 1], got {self.min_lr_ratio!r}")
@@ -113,3 +129,17 @@ class TrainConfig:
         if self.modalities is not None and (isinstance(self.modalities, str)
                                             or not all(isinstance(m, str) for m in self.modalities)):
             raise ValueError(f"modalities must be a list of modality names or None, got {self.modalities!r}")
+
+    def rates_for(self, strategy: Strategy) -> dict[str, float]:
+        """Learning rate per parameter role: ``new``, ``pretrained``, ``adapter`` and, when ``projector_lr``
+        is set, ``projector``. A rate set here wins; otherwise the strategy's `LearningRates` apply, except
+        that an explicit ``learning_rate`` covers every role whose own rate is not set (one rate for all)."""
+        defaults = strategy.learning_rates
+        rates = {
+            "new": self.learning_rate or defaults.new,
+            "pretrained": self.pretrained_lr or self.learning_rate or defaults.pretrained,
+            "adapter": self.adapter_lr or self.learning_rate or defaults.adapter,
+        }
+        if self.projector_lr is not None:
+            rates["projector"] = self.projector_lr
+        return rates

@@ -25,6 +25,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
+import numpy as np
 import torch
 from accelerate import Accelerator, DistributedDataParallelKwargs
 from tqdm.auto import tqdm
@@ -63,6 +64,9 @@ class TrainResult:
 
 
 EvalFn = Callable[[OmniForCausalLM], dict[str, float]]
+# Draws one variation of a training example; called afresh for every example in every epoch.
+VaryFn = Callable[[Example, np.random.Generator], Example]
+EMA_PREFIX = "ema::"
 
 
 class Trainer:
@@ -76,6 +80,9 @@ class Trainer:
         evaluate: called on the model in eval mode; returns metrics including ``"score"`` (higher is
             better) used for model selection and early stopping. None = no evaluation.
         log: where progress lines go (default: print on the main process).
+        vary: draws a variation of an example (augmentation). It is called for every example in every
+            epoch with a generator seeded by (seed, epoch, example index), so each epoch sees new
+            variations while a resumed run, or one split over processes, sees the same ones.
     """
 
     def __init__(
@@ -87,6 +94,7 @@ class Trainer:
         evaluate: EvalFn | None = None,
         log: Callable[[str], None] | None = None,
         accelerator: Accelerator | None = None,
+        vary: VaryFn | None = None,
     ):
         if not examples:
             raise ValueError("no training examples")
@@ -94,6 +102,7 @@ class Trainer:
         self.processor = processor
         self.examples = list(examples)
         self.evaluate = evaluate
+        self.vary = vary
         self.accelerator = accelerator or Accelerator(
             # On a machine without CUDA, several launched processes form a gloo (MULTI_CPU) group.
             cpu=not torch.cuda.is_available(),
@@ -122,10 +131,13 @@ class Trainer:
             self.total_steps = min(self.total_steps, config.max_steps)
         if config.gradient_checkpointing:
             model.language_model.activation_checkpointing_enable({"use_reentrant": False})
-        optimizer = torch.optim.AdamW(self._parameter_groups(model), lr=config.learning_rate,
-                                      weight_decay=config.weight_decay)
+        self.param_groups = self._parameter_groups(model)
+        optimizer = torch.optim.AdamW(self.param_groups, weight_decay=config.weight_decay)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, self._lr_factor)
         self.model, self.optimizer = self.accelerator.prepare(model, optimizer)
+        # Exponential moving average of the trained weights (fp32): what is evaluated, kept and returned.
+        self.ema = ({name: p.detach().float().clone() for name, p in self.parameters.items()}
+                    if config.ema_decay is not None else None)
         self.output_dir = Path(config.output_dir) if config.output_dir else None
         self.step = 0
         self.history: list[dict[str, Any]] = []
@@ -136,15 +148,24 @@ class Trainer:
 
     # ------------------------------------------------------------------ schedule
     def _parameter_groups(self, model: OmniForCausalLM) -> list[dict[str, Any]]:
-        """AdamW groups: LoRA adapters, projectors and the rest, each with its learning rate."""
+        """AdamW groups by what a parameter is, each with its learning rate (`TrainConfig.rates_for`).
+
+        Roles: ``adapter`` (LoRA), ``projector`` (only when ``projector_lr`` is set), ``new`` (components
+        initialised for this run) and ``pretrained`` (weights loaded from a checkpoint).
+        """
         projectors = {m.projector_module for m in model.config.modalities.values()}
-        groups: dict[str, list[torch.nn.Parameter]] = {"adapter": [], "projector": [], "other": []}
+        rates = self.config.rates_for(self.strategy)
+        groups: dict[str, list[torch.nn.Parameter]] = {role: [] for role in rates}
         for name, parameter in self.parameters.items():
-            role = "adapter" if "lora_" in name else "projector" if name.split(".")[1] in projectors else "other"
+            component = name.split(".")[1]
+            if "lora_" in name:
+                role = "adapter"
+            elif component in projectors and "projector" in rates:
+                role = "projector"
+            else:
+                role = "new" if component in model.fresh_components else "pretrained"
             groups[role].append(parameter)
-        rates = {"adapter": self.config.adapter_lr, "projector": self.config.projector_lr, "other": None}
-        return [{"params": params, "lr": rates[role] or self.config.learning_rate, "name": role}
-                for role, params in groups.items() if params]
+        return [{"params": params, "lr": rates[role], "name": role} for role, params in groups.items() if params]
 
     def _lr_factor(self, step: int) -> float:
         warmup = self.config.warmup_steps
@@ -166,6 +187,8 @@ class Trainer:
     def train(self) -> TrainResult:
         self.log(f"strategy {self.strategy.name}: {self.strategy.summary}")
         self.log(trainable_report(self.accelerator.unwrap_model(self.model)))
+        self.log("learning rates: " + ", ".join(f"{g['name']} {g['lr']:.2g} ({sum(p.numel() for p in g['params']):,} "
+                                                f"parameters)" for g in self.param_groups))
         self.log(self._memory_report())
         resume_from = self._resume_folder() if self.config.resume and self.output_dir else None
         if resume_from is not None:
@@ -184,7 +207,7 @@ class Trainer:
             order = self._epoch_order(epoch)
             batch_indices = order[position * self.config.batch_size:(position + 1) * self.config.batch_size]
             step_started = time.perf_counter()
-            loss = self._train_step(batch_indices)
+            loss = self._train_step(batch_indices, epoch)
             seconds = time.perf_counter() - step_started
             train_seconds += seconds
             self.step += 1
@@ -207,6 +230,8 @@ class Trainer:
             self._save_checkpoint(self.output_dir / "last")
         if self.best_state is not None:
             self._load_trainable(self.best_state)
+        elif self.ema is not None:
+            self._load_trainable(self.ema)
         self.accelerator.unwrap_model(self.model).eval()
         self.log(f"trained {self.step} steps in {train_seconds:.1f} s (wall {time.perf_counter() - started:.1f} s)")
         return TrainResult(self.history, self.best, self.step, train_seconds, stopped_early)
@@ -235,14 +260,20 @@ class Trainer:
         return (f"memory this run needs per process (estimate for batch {per_pass} x {workload.seq} tokens, "
                 f"weights {dtype}, trained fp32): peak {human_bytes(estimate.peak)}\n{estimate.table()}")
 
-    def _train_step(self, indices: list[int]) -> float:
+    def _example(self, index: int, epoch: int) -> Example:
+        example = self.examples[index]
+        if self.vary is None:
+            return example
+        return self.vary(example, np.random.default_rng([self.config.seed % 2 ** 32, epoch, index]))
+
+    def _train_step(self, indices: list[int], epoch: int) -> float:
         """One optimiser step on the global batch ``indices``; returns its mean loss per answer token."""
         self.accelerator.unwrap_model(self.model).set_train_mode()
         world, rank = self.accelerator.num_processes, self.accelerator.process_index
         micro = self.config.gradient_accumulation_steps
         size = math.ceil(len(indices) / micro)
         chunks = [indices[i:i + size] for i in range(0, len(indices), size)]
-        batches = [self._collate([self.examples[i] for i in chunk[rank::world]]) for chunk in chunks]
+        batches = [self._collate([self._example(i, epoch) for i in chunk[rank::world]]) for chunk in chunks]
         # The loss is a mean over answer tokens. Weight each micro-batch by its share of the global batch's
         # tokens (times the process count, since DDP averages gradients over processes), so any split over
         # processes and micro-batches gives the gradient of one pass over the whole batch.
@@ -252,7 +283,8 @@ class Trainer:
         for number, (batch, count) in enumerate(zip(batches, tokens)):
             last = number == len(batches) - 1
             with contextlib.nullcontext() if last else self.accelerator.no_sync(self.model):
-                output = self.model(**batch, logits_to_keep="labels", use_cache=False)
+                output = self.model(**batch, logits_to_keep="labels", use_cache=False,
+                                    label_smoothing=self.config.label_smoothing)
                 self.accelerator.backward(output.loss * (count * world / total))
             loss_sum += output.loss.detach() * count
         if self.config.max_grad_norm is not None:
@@ -260,7 +292,31 @@ class Trainer:
         self.optimizer.step()
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
+        self._update_ema()
         return float(self.accelerator.reduce(loss_sum, reduction="sum") / total)
+
+    def _update_ema(self) -> None:
+        """ema <- d * ema + (1 - d) * weights, with d = min(ema_decay, (1 + step) / (10 + step)) so early
+        steps, whose weights are far from the final ones, are forgotten quickly."""
+        if self.ema is None:
+            return
+        decay = min(self.config.ema_decay, (1 + self.step) / (10 + self.step))
+        with torch.no_grad():
+            for name, parameter in self._trainable_named():
+                self.ema[name].lerp_(parameter.detach().float(), 1 - decay)
+
+    @contextlib.contextmanager
+    def _averaged_weights(self):
+        """Within the block the model holds the EMA weights (when there is an EMA); afterwards its own."""
+        if self.ema is None:
+            yield
+            return
+        own = {name: p.detach().clone() for name, p in self._trainable_named()}
+        self._load_trainable(self.ema)
+        try:
+            yield
+        finally:
+            self._load_trainable(own)
 
     def _collate(self, examples: list[Example]) -> dict[str, Any]:
         inputs: dict[str, list[Any]] = {}
@@ -274,7 +330,7 @@ class Trainer:
         rng = torch.get_rng_state()
         model = self.accelerator.unwrap_model(self.model)
         model.eval()
-        with torch.no_grad():
+        with torch.no_grad(), self._averaged_weights():
             metrics = self.evaluate(model) if self.accelerator.is_main_process else {}
         torch.set_rng_state(rng)
         metrics = self.accelerator.gather_for_metrics([metrics])[0] if self.accelerator.num_processes > 1 else metrics
@@ -285,7 +341,8 @@ class Trainer:
         improved = score is not None and (self.best is None or score > self.best["eval_score"])
         if improved:
             self.best = record
-            self.best_state = {name: p.detach().clone() for name, p in self._trainable_named()}
+            self.best_state = ({name: t.clone() for name, t in self.ema.items()} if self.ema is not None
+                               else {name: p.detach().clone() for name, p in self._trainable_named()})
             self.evals_without_improvement = 0
             if self.output_dir:
                 self._save_checkpoint(self.output_dir / "best")
@@ -312,7 +369,7 @@ class Trainer:
     def _load_trainable(self, state: dict[str, torch.Tensor]) -> None:
         with torch.no_grad():
             for name, parameter in self._trainable_named():
-                parameter.copy_(state[name])
+                parameter.copy_(state[name].to(parameter.dtype))
 
     def _save_checkpoint(self, directory: Path) -> None:
         """Write a checkpoint folder (`hcx_extend.training.resume`), replacing ``directory`` atomically."""
@@ -323,7 +380,9 @@ class Trainer:
                  "evals_without_improvement": self.evals_without_improvement,
                  "scheduler": self.scheduler.state_dict(), "train_config": _jsonable(asdict(self.config)),
                  "components": self.components}
-        write_checkpoint_folder(directory, {name: p.detach().to("cpu").contiguous() for name, p in self._trainable_named()},
+        tensors = {name: p.detach().to("cpu").contiguous() for name, p in self._trainable_named()}
+        tensors.update({EMA_PREFIX + name: t.to("cpu").contiguous() for name, t in (self.ema or {}).items()})
+        write_checkpoint_folder(directory, tensors,
                                 self.optimizer.state_dict(), state,
                                 self.accelerator.unwrap_model(self.model).config.to_dict())
 
@@ -350,6 +409,10 @@ class Trainer:
                 "use another output_dir or resume=False"
             )
         tensors, rng = read_trained(directory / TRAINED_FILE)
+        averaged = {name[len(EMA_PREFIX):]: tensors.pop(name) for name in list(tensors) if name.startswith(EMA_PREFIX)}
+        if (self.ema is not None) != bool(averaged):
+            raise ValueError(f"{directory / TRAINED_FILE}: the run {'has' if averaged else 'has no'} weight average "
+                             f"but this one {'has none' if self.ema is None else 'has one'} (ema_decay)")
         expected = dict(self._trainable_named())
         if set(tensors) != set(expected):
             raise ValueError(
@@ -370,6 +433,8 @@ class Trainer:
                 raise
             raise ValueError(f"{directory}: the optimiser or schedule state does not fit this run ({error})") from None
         self._load_trainable(tensors)
+        if self.ema is not None:
+            self.ema = {name: averaged[name].float() for name in self.ema}
         self.step = state["step"]
         self.finished = bool(state.get("finished", False))
         self.history = state["history"]
