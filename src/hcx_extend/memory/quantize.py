@@ -20,13 +20,18 @@ them (checked against real layers in the tests):
 * int8: ``n`` + ``4 * rows``.
 
 bitsandbytes 0.50 runs both on the CPU (slow reference kernels), so this is testable without a GPU.
+
+bitsandbytes is imported only when something is quantised (`import_bitsandbytes`), never at import
+time of this package, and its hub lookup for an optional CPU kernel is kept quiet (`quiet_kernel_lookup`).
 """
 
 from __future__ import annotations
 
+import contextlib
+import logging
 import math
 from dataclasses import dataclass, field
-from typing import Iterable
+from typing import Iterable, Iterator
 
 import torch
 from torch import nn
@@ -34,8 +39,51 @@ from torch import nn
 from hcx_extend.units import human_bytes
 
 QUANT_METHODS = ("nf4", "int8")
+# What bitsandbytes 0.50 logs while it is imported on a CPU with AVX512-BF16: it asks the `kernels`
+# package for an optional faster 4-bit CPU matmul from the Hugging Face Hub ("kernels-community/
+# quantization-bitsandbytes"). Offline (HF_HUB_OFFLINE=1), or without network, the lookup fails and it
+# logs two warnings, then uses its own CPU kernel: results are the same, only speed differs. A user who
+# reads "Failed to load" in a good run thinks the run failed, so these two lines (and nothing else) are
+# dropped while bitsandbytes is imported; neither package has a setting that skips the lookup.
+KERNEL_LOOKUP_LOGS = {
+    "kernels._internals.hf_hub": "Skipping publisher trust check for 'kernels-community/quantization-bitsandbytes'",
+    "bitsandbytes.backends.cpu.ops": "Failed to load CPU gemm_4bit_forward from kernels-community",
+}
 NF4_BLOCK = 64
 NESTED_BLOCK = 256
+
+
+class _DropKernelLookup(logging.Filter):
+    def __init__(self, prefix: str):
+        super().__init__()
+        self.prefix = prefix
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not record.getMessage().startswith(self.prefix)
+
+
+@contextlib.contextmanager
+def quiet_kernel_lookup() -> Iterator[None]:
+    """Drop bitsandbytes' hub kernel-lookup warnings (`KERNEL_LOOKUP_LOGS`) while the block runs.
+
+    Wrap every import that may import bitsandbytes for the first time: `import_bitsandbytes`, and peft's
+    (peft imports bitsandbytes whenever it is installed). Other records of those loggers pass.
+    """
+    filters = [(logging.getLogger(name), _DropKernelLookup(prefix)) for name, prefix in KERNEL_LOOKUP_LOGS.items()]
+    for logger, drop in filters:
+        logger.addFilter(drop)
+    try:
+        yield
+    finally:
+        for logger, drop in filters:
+            logger.removeFilter(drop)
+
+
+def import_bitsandbytes():
+    """The bitsandbytes module, imported on first use with its hub kernel lookup kept quiet."""
+    with quiet_kernel_lookup():
+        import bitsandbytes
+    return bitsandbytes
 
 
 def check_method(method: str | None) -> str | None:
@@ -157,8 +205,7 @@ def quantize_language_model(
         ValueError: for an unknown method or component, for weights on the meta device (nothing to
             quantise: load the checkpoint first), or when nothing matches.
     """
-    import bitsandbytes as bnb
-
+    bnb = import_bitsandbytes()
     check_method(method)
     report = QuantizationReport(method=method, model_bytes_before=module_bytes(model))
     known = dict(model.model.named_children())

@@ -15,6 +15,7 @@ then saves as a plain HCX-layout checkpoint that loads without peft.
 from __future__ import annotations
 
 import os
+import sys
 from pathlib import Path
 
 import torch
@@ -23,9 +24,18 @@ from torch import nn
 
 from hcx_extend.ladder import LoraSpec
 from hcx_extend.lora_targets import resolve_lora_targets
+from hcx_extend.memory.quantize import import_bitsandbytes, quiet_kernel_lookup
 
 ADAPTER_NAME = "default"
 PEFT_PREFIX = "base_model.model."
+
+
+def _peft():
+    """The peft module, imported on first use only: peft imports bitsandbytes (and with it a hub lookup
+    for a CPU kernel) whenever bitsandbytes is installed, so a run without adapters imports neither."""
+    with quiet_kernel_lookup():
+        import peft
+    return peft
 
 
 def _component(model, name: str) -> nn.Module:
@@ -39,15 +49,14 @@ def add_lora(model, component: str, spec: LoraSpec):
 
     Only the new ``lora_A``/``lora_B`` parameters are made trainable within the component.
     """
-    from peft import LoraConfig, inject_adapter_in_model
-
+    peft = _peft()
     module = _component(model, component)
     targets = resolve_lora_targets(module, spec.targets, component)
-    config = LoraConfig(r=spec.r, lora_alpha=spec.alpha, lora_dropout=spec.dropout, target_modules=targets, bias="none")
+    config = peft.LoraConfig(r=spec.r, lora_alpha=spec.alpha, lora_dropout=spec.dropout, target_modules=targets, bias="none")
     # peft picks its bitsandbytes LoRA layers only when the module says it is quantised.
     _mark_quantised(module)
     training = module.training
-    inject_adapter_in_model(config, module, adapter_name=ADAPTER_NAME)
+    peft.inject_adapter_in_model(config, module, adapter_name=ADAPTER_NAME)
     module.train(training)  # new LoRA layers start in training mode (dropout on); follow the component
     for name, parameter in module.named_parameters():
         parameter.requires_grad_("lora_" in name)
@@ -62,9 +71,8 @@ def add_lora(model, component: str, spec: LoraSpec):
 
 
 def _mark_quantised(module: nn.Module) -> None:
-    try:
-        import bitsandbytes as bnb
-    except ImportError:
+    bnb = sys.modules.get("bitsandbytes")
+    if bnb is None:  # never imported, so nothing was quantised
         return
     if any(isinstance(m, bnb.nn.Linear4bit) for m in module.modules()):
         module.is_loaded_in_4bit = True
@@ -78,13 +86,15 @@ def adapted_components(model) -> list[str]:
 
 def save_adapters(model, directory: str | os.PathLike) -> list[Path]:
     """Write every component's adapter in peft's format under ``directory/adapters/<component>``."""
-    from peft import get_peft_model_state_dict
-
+    configs = getattr(model, "lora_configs", {})
+    if not configs:
+        return []
+    peft = _peft()
     written = []
-    for component, config in getattr(model, "lora_configs", {}).items():
+    for component, config in configs.items():
         folder = Path(directory) / "adapters" / component
         folder.mkdir(parents=True, exist_ok=True)
-        state = get_peft_model_state_dict(_component(model, component), adapter_name=ADAPTER_NAME)
+        state = peft.get_peft_model_state_dict(_component(model, component), adapter_name=ADAPTER_NAME)
         tensors = {PEFT_PREFIX + key: value.detach().to("cpu").contiguous() for key, value in state.items()}
         save_file(tensors, folder / "adapter_model.safetensors", metadata={"format": "pt"})
         config.save_pretrained(str(folder))
@@ -94,23 +104,22 @@ def save_adapters(model, directory: str | os.PathLike) -> list[Path]:
 
 def load_adapters(model, directory: str | os.PathLike) -> list[str]:
     """Inject and fill the adapters saved by `save_adapters` in ``directory``; returns their components."""
-    from peft import LoraConfig, inject_adapter_in_model, set_peft_model_state_dict
-
     root = Path(directory) / "adapters"
     if not root.is_dir():
         return []
+    peft = _peft()
     loaded = []
     for folder in sorted(p for p in root.iterdir() if p.is_dir()):
         component = folder.name
         module = _component(model, component)
-        config = LoraConfig.from_pretrained(str(folder))
+        config = peft.LoraConfig.from_pretrained(str(folder))
         _mark_quantised(module)
         training = module.training
-        inject_adapter_in_model(config, module, adapter_name=ADAPTER_NAME)
+        peft.inject_adapter_in_model(config, module, adapter_name=ADAPTER_NAME)
         module.train(training)
         state = {key[len(PEFT_PREFIX):] if key.startswith(PEFT_PREFIX) else key: value
                  for key, value in load_file(folder / "adapter_model.safetensors").items()}
-        result = set_peft_model_state_dict(module, state, adapter_name=ADAPTER_NAME)
+        result = peft.set_peft_model_state_dict(module, state, adapter_name=ADAPTER_NAME)
         if getattr(result, "unexpected_keys", None):
             raise ValueError(f"{folder}: adapter tensors match no LoRA layer: {result.unexpected_keys[:3]}")
         adapted = getattr(model, "lora_configs", {})
@@ -127,13 +136,14 @@ def merge_adapters(model) -> int:
     Quantised (4-bit/8-bit) base layers are dequantised first, so the merged model holds plain
     ``nn.Linear`` weights in the compute dtype and loads without peft or bitsandbytes.
     """
-    from peft.tuners.lora import LoraLayer
-
+    if not adapted_components(model):
+        return 0
+    peft = _peft()
     merged = 0
     for component in list(getattr(model, "lora_configs", {})):
         module = _component(model, component)
         for path, layer in list(module.named_modules()):
-            if not isinstance(layer, LoraLayer):
+            if not isinstance(layer, peft.tuners.lora.LoraLayer):
                 continue
             base = _plain_linear(layer.get_base_layer())
             delta = layer.get_delta_weight(ADAPTER_NAME).to(base.weight.dtype)
@@ -152,8 +162,7 @@ def _plain_linear(layer: nn.Module) -> nn.Linear:
     """``layer`` itself if it is a plain Linear, else a Linear holding its dequantised weight."""
     if type(layer) is nn.Linear:
         return layer
-    import bitsandbytes as bnb
-
+    bnb = import_bitsandbytes()
     if isinstance(layer, bnb.nn.Linear4bit):
         weight = bnb.functional.dequantize_4bit(layer.weight.data, layer.weight.quant_state)
         dtype = layer.compute_dtype or weight.dtype
