@@ -1,12 +1,15 @@
 """Train the tiny preset for a few steps; run alone or under `accelerate launch --num_processes N --cpu`.
 
-Writes the trained parameters (rank 0) to OUT/params.safetensors. Used by test_distributed.py.
+Writes the trained parameters (rank 0) to OUT/params.safetensors. Used by test_distributed.py, which
+says why the model trains in float64 and why the process group is destroyed before exit.
 """
 
+import gc
 import sys
 from pathlib import Path
 
 import torch
+from accelerate import Accelerator
 from safetensors.torch import save_file
 
 sys.path.insert(0, str(Path(__file__).parent))
@@ -18,11 +21,12 @@ from hcx_extend.data.examples import Example
 from hcx_extend.training import TrainConfig, Trainer  # noqa: E402
 
 
-def main(out: Path) -> None:
+def train(out: Path) -> Accelerator:
+    """Train, save the parameters (rank 0) and return the accelerator; the trainer goes with this frame."""
     config = preset_config("tiny-hcx-omni")
     config.modality("sensor").encoder["dropout"] = 0.0  # processes draw different random numbers
     torch.manual_seed(0)
-    model = OmniForCausalLM(config)
+    model = OmniForCausalLM(config).to(torch.float64)  # rounding of other summation orders: see the test
     tokenizer = make_tokenizer()
     align_tokens(model, tokenizer)
     processor = OmniProcessor(tokenizer, model.config)
@@ -42,7 +46,23 @@ def main(out: Path) -> None:
         params = {n: p.detach().contiguous() for n, p in model.named_parameters() if p.requires_grad}
         save_file(params, out / "params.safetensors")
         (out / "world").write_text(str(trainer.accelerator.num_processes))
+    return trainer.accelerator
+
+
+def leave_process_group(accelerator: Accelerator) -> None:
+    """Destroy the gloo group while Python is fully alive, so gloo's threads are joined before exit.
+
+    A process that exits with the group alive can abort (SIGABRT, "terminate called without an active
+    exception"): a gloo thread that drops the last collective's tensors needs the GIL, and a thread that
+    asks for it while the interpreter finalises is ended with pthread_exit, which unwinds into C++ code
+    that may not throw. Destroying the group is not enough while the DDP wrapper still holds it, so
+    accelerate's references to the wrapper (the trainer's went with `train`'s frame) are dropped first.
+    """
+    accelerator.wait_for_everyone()
+    accelerator.free_memory()
+    gc.collect()
+    accelerator.end_training()
 
 
 if __name__ == "__main__":
-    main(Path(sys.argv[1]))
+    leave_process_group(train(Path(sys.argv[1])))
