@@ -14,7 +14,7 @@ from hcx_extend.presets import smollm2_gguf_path
 @pytest.fixture(scope="module")
 def demo_run(tmp_path_factory):
     run = tmp_path_factory.mktemp("demo")
-    assert main(["demo", "--epochs", "1", "--output", str(run), "--seed", "3"]) == 0
+    assert main(["demo", "--epochs", "1", "--validation", "2", "--output", str(run), "--seed", "3"]) == 0
     return run
 
 
@@ -23,9 +23,15 @@ def test_demo_writes_metrics_plots_and_a_checkpoint(demo_run):
     assert metrics["test_total"] == 40
     assert np.array(metrics["confusion"]["matrix"]).sum() == 40
     assert metrics["test_correct"] == np.trace(np.array(metrics["confusion"]["matrix"])[:, :4])
-    # 32 training recordings (8 held out for validation) + one variation of each, batch 4, one epoch.
-    assert metrics["steps"] == 16
-    assert metrics["best_validation"]["eval_accuracy"] is not None
+    # 32 training recordings (8 held out for validation), a fresh variation of each per epoch, batch 4, one epoch.
+    assert metrics["steps"] == 8
+    assert 0.0 <= metrics["best_validation"]["eval_accuracy"] <= 1.0 and metrics["best_validation"]["step"] == 8
+    # The test split scored by each answer's likelihood too: the margins agree with the choice accuracy.
+    choices = json.loads((demo_run / "choices.json").read_text())
+    assert choices["choices"] == ["standing", "walking", "running", "badminton"]
+    right = sum(e["margin"] > 0 for e in choices["examples"])
+    assert right / 40 == metrics["test_choice_accuracy"] == choices["accuracy"]
+    assert metrics["test_min_margin"] == min(e["margin"] for e in choices["examples"])
     assert sorted(p.name for p in (demo_run / "recordings").iterdir()) == [
         "badminton.csv", "running.csv", "standing.csv", "walking.csv"]
     for name in ("loss_curve.png", "confusion_matrix.png"):

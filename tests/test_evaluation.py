@@ -77,7 +77,7 @@ def test_choice_scores_are_the_answer_likelihoods(tokenizer):
         batch = processor([example.messages], example.inputs, return_labels=True, padding_side="right")
         tokens = int((batch["labels"][:, 1:] != -100).sum())
         expected = -mean_answer_loss(model, processor, [example]) * tokens
-        assert scores.log_likelihoods[row, scores.choices.index(example.answer)] == pytest.approx(expected, abs=1e-4)
+        assert scores.log_likelihoods[row, scores.choices.index(example.answer)] == pytest.approx(expected, rel=1e-4, abs=1e-4)
     assert scores.predictions == [scores.choices[i] for i in scores.log_likelihoods.argmax(axis=1)]
     right = np.array([p == t for p, t in zip(scores.predictions, scores.truths)])
     assert ((scores.margins > 0) == right).all()

@@ -14,7 +14,7 @@ import os
 import re
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import Any, Callable, Sequence
 
 import numpy as np
 import torch
@@ -220,17 +220,19 @@ def gather_inputs(examples: Sequence[Example]) -> dict[str, list]:
 
 @torch.no_grad()
 def score_choices(model: OmniForCausalLM, processor: OmniProcessor, examples: Sequence[Example],
-                  choices: Sequence[str], *, batch_size: int = 16) -> ChoiceScores:
+                  choices: Sequence[str], *, batch_size: int = 8) -> ChoiceScores:
     """Score every allowed answer of every example by its log-likelihood (no generation).
 
     Each example's prompt is completed with each choice as the assistant's answer; the answer tokens'
     log-probabilities are summed. The prediction is the most likely choice, so the result says how
-    sure the model is, not only whether its greedy answer happened to be right.
+    sure the model is, not only whether its greedy answer happened to be right. The prompt (modality
+    items included) is run once per example and its KV cache shared by the choices, so scoring costs
+    about one forward pass of the prompt, not one per choice.
 
     Args:
         examples: chats ending with the expected answer, which must be one of ``choices`` (after `normalise`).
         choices: the closed set of answers (two or more, distinct after `normalise`).
-        batch_size: examples per forward pass (each brings ``len(choices)`` sequences).
+        batch_size: examples per forward pass.
 
     Raises:
         ValueError: fewer than two choices, duplicates, or an expected answer that is not a choice.
@@ -246,21 +248,61 @@ def score_choices(model: OmniForCausalLM, processor: OmniProcessor, examples: Se
     scores = np.zeros((len(examples), len(choices)))
     for start in range(0, len(examples), batch_size):
         chunk = examples[start:start + batch_size]
-        chats = [e.prompt + [{"role": "assistant", "content": c}] for e in chunk for c in choices]
-        items = gather_inputs([e for e in chunk for _ in choices])
-        batch = processor(chats, items, return_labels=True, padding_side="right")
-        output = model(**batch, logits_to_keep="labels")
-        # The rows of output.logits are the positions the model kept: those whose next token is labelled.
-        labels = batch["labels"].masked_fill(model.placeholder_mask(batch["input_ids"]), IGNORE_INDEX)
-        targets = torch.full_like(labels, IGNORE_INDEX)
-        targets[:, :-1] = labels[:, 1:]
-        kept = targets != IGNORE_INDEX
-        log_probs = torch.log_softmax(output.logits.float(), dim=-1)
-        token_scores = log_probs.gather(1, targets[kept].to(log_probs.device)[:, None])[:, 0]
-        rows = kept.nonzero()[:, 0]
-        sums = torch.zeros(len(chats), dtype=torch.float64).index_add_(0, rows, token_scores.double().cpu())
-        scores[start:start + len(chunk)] = sums.view(len(chunk), len(choices)).numpy()
+        scores[start:start + len(chunk)] = _choice_log_likelihoods(model, processor, chunk, choices)
     return ChoiceScores(normalised, scores, truths)
+
+
+def _choice_log_likelihoods(model: OmniForCausalLM, processor: OmniProcessor, examples: Sequence[Example],
+                            choices: list[str]) -> np.ndarray:
+    """``(examples, choices)`` summed answer log-probabilities, the shared prompt run once per example.
+
+    The processor tokenizes a prompt and its answer separately, so every choice's row starts with the
+    prompt's tokens. The prompt runs with its last token masked out of the cache; each continuation is
+    that last token plus the choice's answer tokens, so every answer token is predicted inside it.
+    """
+    count = len(choices)
+    prompts = processor([e.prompt for e in examples], gather_inputs(examples), padding_side="right")
+    full = _tokens_only(processor, examples, choices)
+    lengths = prompts["attention_mask"].sum(1).tolist()
+    prompt_ids = prompts["input_ids"].tolist()
+    continuations, targets = [], []
+    for row, (ids, labels, valid) in enumerate(zip(full["input_ids"].tolist(), full["labels"].tolist(),
+                                                   full["attention_mask"].sum(1).tolist())):
+        length = lengths[row // count]
+        if ids[:length] != prompt_ids[row // count][:length]:
+            raise ValueError("the chat template renders a prompt differently inside the full chat; "
+                             "choices cannot share its cache")
+        continuations.append(ids[length - 1:valid])
+        targets.append(labels[length:valid])
+    prefix_mask = prompts["attention_mask"].clone()
+    prefix_mask[torch.arange(len(examples)), torch.tensor(lengths) - 1] = 0
+    prefill = model(input_ids=prompts["input_ids"], attention_mask=prefix_mask,
+                    modality_inputs=prompts["modality_inputs"], use_cache=True, logits_to_keep=1)
+    cache = prefill.cache
+    cache.batch_repeat_interleave(count)
+
+    width = max(len(c) for c in continuations)
+    input_ids = torch.tensor([c + [c[-1]] * (width - len(c)) for c in continuations])
+    mask = torch.tensor([[1] * len(c) + [0] * (width - len(c)) for c in continuations])
+    positions = torch.tensor([[lengths[r // count] - 1 + t for t in range(width)] for r in range(len(continuations))])
+    target_ids = torch.full((len(continuations), width), IGNORE_INDEX)
+    for r, labels in enumerate(targets):
+        target_ids[r, :len(labels)] = torch.tensor(labels, dtype=torch.long)  # position t predicts token t + 1
+    keep = target_ids != IGNORE_INDEX
+    output = model(input_ids=input_ids, attention_mask=torch.cat([prefix_mask.repeat_interleave(count, 0), mask], 1),
+                   position_ids=positions, cache=cache, use_cache=True, logits_to_keep=keep)
+    log_probs = torch.log_softmax(output.logits.float(), dim=-1)
+    token_scores = log_probs.gather(1, target_ids[keep].to(log_probs.device)[:, None])[:, 0]
+    sums = torch.zeros(len(continuations), dtype=torch.float64).index_add_(0, keep.nonzero()[:, 0],
+                                                                           token_scores.double().cpu())
+    return sums.view(len(examples), count).numpy()
+
+
+def _tokens_only(processor: OmniProcessor, examples: Sequence[Example], choices: list[str]) -> dict[str, Any]:
+    """The full chats' tokens for every (example, choice), the items collated once per choice (cheap: no encoder)."""
+    chats = [e.prompt + [{"role": "assistant", "content": c}] for e in examples for c in choices]
+    return processor(chats, gather_inputs([e for e in examples for _ in choices]), return_labels=True,
+                     padding_side="right")
 
 
 @torch.no_grad()

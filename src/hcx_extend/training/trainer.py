@@ -187,8 +187,9 @@ class Trainer:
     def train(self) -> TrainResult:
         self.log(f"strategy {self.strategy.name}: {self.strategy.summary}")
         self.log(trainable_report(self.accelerator.unwrap_model(self.model)))
-        self.log("learning rates: " + ", ".join(f"{g['name']} {g['lr']:.2g} ({sum(p.numel() for p in g['params']):,} "
-                                                f"parameters)" for g in self.param_groups))
+        self.log("learning rates (after warm-up): " + ", ".join(
+            f"{g['name']} {g['initial_lr']:.2g} ({sum(p.numel() for p in g['params']):,} parameters)"
+            for g in self.optimizer.param_groups))
         self.log(self._memory_report())
         resume_from = self._resume_folder() if self.config.resume and self.output_dir else None
         if resume_from is not None:
