@@ -4,7 +4,7 @@ A run checkpoint holds what training changed, not the whole model (a few MB inst
 
     checkpoint/
       config.json                the model's full OmniConfig (new modalities, normalisation statistics)
-      trainable.safetensors      the components trained in full, under their HCX names
+      trainable.safetensors      the components trained in full and those initialised for the run, under their HCX names
       adapters/<component>/      each LoRA adapter in peft's format
       run.json                   the strategy, the components, and the base model's identity
       tokenizer files            the tokenizer with the placeholder tokens added
@@ -101,13 +101,16 @@ def save_run(
         model: the trained model.
         directory: the checkpoint folder; replaced atomically (a reader never sees half of it).
         base: the model the run started from (any path `read_source` reads).
-        components: the components trained in full (LoRA adapters are found on the model).
+        components: the components trained in full (LoRA adapters are found on the model). Components
+            initialised for this run (``model.fresh_components``) are saved too, trained or not: the base
+            does not have them, and a frozen random encoder (the ``projector`` rung) is part of the model.
         strategy: the strategy's name (tells `load_model` whether the LLM must be quantised first).
     """
     directory = Path(directory)
     base = Path(base).resolve()
     adapted = set(getattr(model, "lora_configs", {}))
     components = [c for c in components if c not in adapted]
+    components += [c for c in sorted(getattr(model, "fresh_components", ())) if c not in adapted and c not in components]
     prefixes = tuple(f"model.{c}." for c in components)
     # Tied duplicates (an LLM's lm_head sharing embed_tokens, trained under `full`) are dropped as in
     # `save_pretrained`; loading the kept tensor restores both.
