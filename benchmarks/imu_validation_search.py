@@ -1,4 +1,7 @@
-"""How the IMU demo's settings were chosen: candidates compared on validation splits only.
+"""How the IMU demo's earlier settings (before issue 17) were chosen: candidates compared on validation splits only.
+
+Superseded by benchmarks/imu_cross_validation.py, which chose the current defaults; kept so its results
+(benchmarks/results/imu_validation_search*.jsonl) can be reproduced.
 
 For each candidate `ActivitySettings` and each seed, `hcx_extend.recipes.activity.train_and_test` runs
 with ``test=False``: the seed's 8 held-out training recordings (2 per activity) are the validation
@@ -45,6 +48,7 @@ def candidate(epochs: int, learning_rate: float, batch_size: int, augmentation: 
     """Every searched field spelled out, so a candidate does not change when the demo's defaults do."""
     return ActivitySettings(strategy="new-encoder", epochs=epochs, batch_size=batch_size, learning_rate=learning_rate,
                             warmup_steps=4, min_lr_ratio=0.1, stride=4, patience=4, augmentation=augmentation,
+                            fresh_variations=False, ema_decay=None, holdout_per_class=2, select_best=True,
                             mixed_precision="no")
 
 

@@ -211,17 +211,18 @@ def test_the_weight_average_is_what_is_evaluated_kept_and_resumed(tokenizer, tmp
     model, trainer = run(tokenizer, tmp_path / "ema", ema_decay=0.9)
     trainer.evaluate = None
     last = {}
-    original = trainer._update_ema
+    original = trainer.ema.update
 
-    def remember():
-        original()
-        last.update({n: p.detach().clone() for n, p in trainer._trainable_named()})
+    def remember(named, step):
+        named = list(named)
+        original(named, step)
+        last.update({n: p.detach().clone() for n, p in named})
 
-    trainer._update_ema = remember
+    trainer.ema.update = remember
     trainer.train()
     name = "model.sensor_projector.fc2.weight" if "model.sensor_projector.fc2.weight" in last else sorted(last)[0]
-    assert torch.equal(dict(model.named_parameters())[name], trainer.ema[name])
-    assert not torch.equal(trainer.ema[name], last[name])
+    assert torch.equal(dict(model.named_parameters())[name], trainer.ema.tensors[name])
+    assert not torch.equal(trainer.ema.tensors[name], last[name])
 
     # A resumed run restores the average too.
     straight, trainer = run(tokenizer, tmp_path / "straight", ema_decay=0.9)

@@ -37,6 +37,7 @@ from hcx_extend.layout import atomic_write_text
 from hcx_extend.memory import Workload, estimate_memory
 from hcx_extend.model import OmniForCausalLM
 from hcx_extend.processor import OmniProcessor
+from hcx_extend.training.averaging import WeightAverage, split_checkpoint
 from hcx_extend.training.report import trainable_report
 from hcx_extend.training.resume import (
     LOG_FILE,
@@ -66,7 +67,6 @@ class TrainResult:
 EvalFn = Callable[[OmniForCausalLM], dict[str, float]]
 # Draws one variation of a training example; called afresh for every example in every epoch.
 VaryFn = Callable[[Example, np.random.Generator], Example]
-EMA_PREFIX = "ema::"
 
 
 class Trainer:
@@ -136,8 +136,7 @@ class Trainer:
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, self._lr_factor)
         self.model, self.optimizer = self.accelerator.prepare(model, optimizer)
         # Exponential moving average of the trained weights (fp32): what is evaluated, kept and returned.
-        self.ema = ({name: p.detach().float().clone() for name, p in self.parameters.items()}
-                    if config.ema_decay is not None else None)
+        self.ema = WeightAverage(self.parameters.items(), config.ema_decay) if config.ema_decay is not None else None
         self.output_dir = Path(config.output_dir) if config.output_dir else None
         self.step = 0
         self.history: list[dict[str, Any]] = []
@@ -232,7 +231,7 @@ class Trainer:
         if self.best_state is not None:
             self._load_trainable(self.best_state)
         elif self.ema is not None:
-            self._load_trainable(self.ema)
+            self._load_trainable(self.ema.tensors)
         self.accelerator.unwrap_model(self.model).eval()
         self.log(f"trained {self.step} steps in {train_seconds:.1f} s (wall {time.perf_counter() - started:.1f} s)")
         return TrainResult(self.history, self.best, self.step, train_seconds, stopped_early)
@@ -293,18 +292,9 @@ class Trainer:
         self.optimizer.step()
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
-        self._update_ema()
+        if self.ema is not None:
+            self.ema.update(self._trainable_named(), self.step)
         return float(self.accelerator.reduce(loss_sum, reduction="sum") / total)
-
-    def _update_ema(self) -> None:
-        """ema <- d * ema + (1 - d) * weights, with d = min(ema_decay, (1 + step) / (10 + step)) so early
-        steps, whose weights are far from the final ones, are forgotten quickly."""
-        if self.ema is None:
-            return
-        decay = min(self.config.ema_decay, (1 + self.step) / (10 + self.step))
-        with torch.no_grad():
-            for name, parameter in self._trainable_named():
-                self.ema[name].lerp_(parameter.detach().float(), 1 - decay)
 
     @contextlib.contextmanager
     def _averaged_weights(self):
@@ -313,7 +303,7 @@ class Trainer:
             yield
             return
         own = {name: p.detach().clone() for name, p in self._trainable_named()}
-        self._load_trainable(self.ema)
+        self._load_trainable(self.ema.tensors)
         try:
             yield
         finally:
@@ -342,7 +332,7 @@ class Trainer:
         improved = score is not None and (self.best is None or score > self.best["eval_score"])
         if improved:
             self.best = record
-            self.best_state = ({name: t.clone() for name, t in self.ema.items()} if self.ema is not None
+            self.best_state = ({name: t.clone() for name, t in self.ema.tensors.items()} if self.ema is not None
                                else {name: p.detach().clone() for name, p in self._trainable_named()})
             self.evals_without_improvement = 0
             if self.output_dir:
@@ -382,7 +372,7 @@ class Trainer:
                  "scheduler": self.scheduler.state_dict(), "train_config": _jsonable(asdict(self.config)),
                  "components": self.components}
         tensors = {name: p.detach().to("cpu").contiguous() for name, p in self._trainable_named()}
-        tensors.update({EMA_PREFIX + name: t.to("cpu").contiguous() for name, t in (self.ema or {}).items()})
+        tensors.update(self.ema.to_checkpoint() if self.ema is not None else {})
         write_checkpoint_folder(directory, tensors,
                                 self.optimizer.state_dict(), state,
                                 self.accelerator.unwrap_model(self.model).config.to_dict())
@@ -410,7 +400,7 @@ class Trainer:
                 "use another output_dir or resume=False"
             )
         tensors, rng = read_trained(directory / TRAINED_FILE)
-        averaged = {name[len(EMA_PREFIX):]: tensors.pop(name) for name in list(tensors) if name.startswith(EMA_PREFIX)}
+        tensors, averaged = split_checkpoint(tensors)
         if (self.ema is not None) != bool(averaged):
             raise ValueError(f"{directory / TRAINED_FILE}: the run {'has' if averaged else 'has no'} weight average "
                              f"but this one {'has none' if self.ema is None else 'has one'} (ema_decay)")
@@ -435,7 +425,7 @@ class Trainer:
             raise ValueError(f"{directory}: the optimiser or schedule state does not fit this run ({error})") from None
         self._load_trainable(tensors)
         if self.ema is not None:
-            self.ema = {name: averaged[name].float() for name in self.ema}
+            self.ema.from_checkpoint(averaged)
         self.step = state["step"]
         self.finished = bool(state.get("finished", False))
         self.history = state["history"]
