@@ -31,21 +31,18 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from hcx_extend.data.augment import Augmentation
+from hcx_extend.data.augment import EPOCH_VARIATIONS, Augmentation
 from hcx_extend.data.basic_motions import ACTIVITIES, Recordings, load_basic_motions
 from hcx_extend.evaluation import score_choices
 from hcx_extend.recipes.activity import ActivitySettings, build_model, examples_of, fit
 
 FOLDS = 5
-# The variation drawn in every epoch: a crop keeping 80-100 % of the steps, channels scaled by up to 10 %,
-# noise at 5 % of each channel's spread.
-FRESH = Augmentation(copies=0, crop=0.8, scale=0.1, noise=0.05)
 
 
 def candidate(**fields) -> ActivitySettings:
     """Every searched field spelled out, so a candidate does not change when the demo's defaults do."""
     base = dict(strategy="new-encoder", epochs=10, batch_size=4, learning_rate=1e-3, projector_lr=None,
-                warmup_steps=4, min_lr_ratio=0.1, stride=4, patience=None, augmentation=FRESH,
+                warmup_steps=4, min_lr_ratio=0.1, stride=4, patience=None, augmentation=EPOCH_VARIATIONS,
                 fresh_variations=True, ema_decay=None, label_smoothing=0.0, holdout_per_class=2,
                 select_best=False, mixed_precision="no")
     return ActivitySettings(**{**base, **fields})

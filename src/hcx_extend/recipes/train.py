@@ -33,7 +33,7 @@ import torch
 from hcx_extend.checkpoint import cached_source, extend
 from hcx_extend.checkpoint.modality_file import read_modality_file
 from hcx_extend.data.basic_motions import activity_chat, load_basic_motions, parse_activity, stratified_split
-from hcx_extend.data.augment import Augmentation, example_variations
+from hcx_extend.data.augment import EPOCH_VARIATIONS, example_variations
 from hcx_extend.data.examples import Example, read_jsonl
 from hcx_extend.data.sensors import fit_normalization
 from hcx_extend.evaluation import evaluate_examples, mean_answer_loss, score_choices
@@ -44,10 +44,6 @@ from hcx_extend.processor import OmniProcessor
 from hcx_extend.runs import prepare_run_folder, save_run, write_run_notes
 from hcx_extend.training import TrainConfig, Trainer
 from hcx_extend.training.data_defaults import derive_batch_size, derive_choices, derive_epochs, derive_stride
-
-# The variation drawn for every sensor recording in every epoch (as in the demo): a crop keeping 80-100 %
-# of the steps, channels scaled by up to 10 %, noise at 5 % of each channel's spread.
-VARIATIONS = Augmentation(crop=0.8, scale=0.1, noise=0.05)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -123,15 +119,14 @@ def run(args: argparse.Namespace) -> int:
         evaluation = read_jsonl(args.eval_data, probe) if args.eval_data else []
     used = sorted({name for e in examples for name in e.inputs})
     chosen: dict[str, str] = {}
-    for modality in new:
-        if modality.name in derive:
-            lengths = [len(item) for e in examples for item in e.inputs.get(modality.name, [])]
-            if args.stride is not None:
-                modality.encoder["stride"] = args.stride
-            elif lengths:
-                stride = derive_stride(lengths)
-                modality.encoder["stride"] = stride.value
-                chosen[f"{modality.name} stride"] = f"{stride.value} ({stride.reason})"
+    for modality in (m for m in new if m.name in derive):
+        lengths = [len(item) for e in examples for item in e.inputs.get(modality.name, [])]
+        if args.stride is not None:
+            modality.encoder["stride"] = args.stride
+        elif lengths:
+            stride = derive_stride(lengths)
+            modality.encoder["stride"] = stride.value
+            chosen[f"{modality.name} stride"] = f"{stride.value} ({stride.reason})"
     result = extend(source, new)
     model, tokenizer = result.model, result.tokenizer
 
@@ -153,7 +148,7 @@ def run(args: argparse.Namespace) -> int:
         chosen["evaluation"] = f"answers {choices.value} ({choices.reason})"
     sensors = [name for name in used if model.config.modality(name).input.kind == "sensor"]
     if sensors and not args.no_augment:
-        chosen["variations"] = f"a fresh one of each {', '.join(sensors)} recording every epoch ({VARIATIONS})"
+        chosen["variations"] = f"a fresh one of each {', '.join(sensors)} recording every epoch ({EPOCH_VARIATIONS})"
     for name, why in chosen.items():
         print(f"{name}: {why}")
     select_by_accuracy = basic_motions or args.select_by == "accuracy"
@@ -181,7 +176,7 @@ def run(args: argparse.Namespace) -> int:
         eval_every_steps=args.eval_every, patience=args.patience, seed=args.seed,
         output_dir=str(output / "training"), resume=args.resume,
     )
-    vary = example_variations(VARIATIONS, sensors) if sensors and not args.no_augment else None
+    vary = example_variations(EPOCH_VARIATIONS, sensors) if sensors and not args.no_augment else None
     trainer = Trainer(model, processor, examples, config, evaluate=evaluate if evaluation else None, vary=vary)
     result = trainer.train()
 

@@ -30,6 +30,7 @@ from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any, Callable, Union
 
+from hcx_extend.data.examples import gather_inputs
 from hcx_extend.inference import Answer, GenerationSettings, answer
 from hcx_extend.model import OmniForCausalLM
 from hcx_extend.processor import OmniProcessor
@@ -205,10 +206,7 @@ class BatchWorker:
             self._stats.in_flight = len(jobs)
         for job in jobs:
             job.deliver(Started(batch_size=len(jobs)))
-        inputs: dict[str, list[Any]] = {}
-        for job in jobs:
-            for name, items in job.prompt.inputs.items():
-                inputs.setdefault(name, []).extend(items)
+        inputs = gather_inputs([job.prompt for job in jobs])
 
         def on_text(row: int, text: str) -> None:
             job = jobs[row]

@@ -31,7 +31,7 @@ from accelerate import Accelerator, DistributedDataParallelKwargs
 from tqdm.auto import tqdm
 
 from hcx_extend.config import IGNORE_INDEX
-from hcx_extend.data.examples import Example
+from hcx_extend.data.examples import Example, gather_inputs
 from hcx_extend.ladder import get_strategy
 from hcx_extend.layout import atomic_write_text
 from hcx_extend.memory import Workload, estimate_memory
@@ -310,11 +310,8 @@ class Trainer:
             self._load_trainable(own)
 
     def _collate(self, examples: list[Example]) -> dict[str, Any]:
-        inputs: dict[str, list[Any]] = {}
-        for example in examples:
-            for name, items in example.inputs.items():
-                inputs.setdefault(name, []).extend(items)
-        return self.processor([e.messages for e in examples], inputs, return_labels=True, padding_side="right")
+        return self.processor([e.messages for e in examples], gather_inputs(examples), return_labels=True,
+                              padding_side="right")
 
     def _evaluate_and_select(self, epoch: int, train_seconds: float) -> bool:
         """Evaluate, keep the best trainable state, and say whether to stop early."""
