@@ -568,8 +568,10 @@ PAGE_TOOLS_HOWTO = ("apt-get install chromium chromium-driver (Debian's packages
                     "(in the dev extra)")
 
 
-def missing_page_tools(which=shutil.which) -> list[str]:
-    """What the page test lacks of chromium, chromedriver and selenium (``which`` finds programs)."""
+def missing_page_tools(which=None) -> list[str]:
+    """What the page test lacks of chromium, chromedriver and selenium (``which`` finds programs; default
+    `shutil.which`, looked up at call time so a test can replace it)."""
+    which = which or shutil.which
     missing = [name for name, program in (("chromium", ("chromium", "chromium-browser")),
                                           ("chromedriver", ("chromedriver",)))
                if not any(which(candidate) for candidate in program)]
